@@ -1,0 +1,34 @@
+"""A map-style dataset of image files with integer labels."""
+
+from collections.abc import Callable
+
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from .image_lists import ImageList
+
+
+class ImageDataset(Dataset):
+    """Items `(image, label, index)` of an ImageList.
+
+    image: whatever `transform` returns for an upright RGB PIL image (with `build_transforms`, float32
+    [3, S, S]). Photos are rotated by their EXIF orientation first, so a phone picture stored sideways
+    is seen upright, as in a viewer. Grey, palette and RGBA images become RGB (alpha dropped).
+    label: int class label. index: int position in the list, so a caller can match embeddings back to
+    files and spot two views of the same image in a batch.
+
+    The transform is built once by the caller and shared by every item (and every worker).
+    """
+
+    def __init__(self, image_list: ImageList, transform: Callable) -> None:
+        self.image_list = image_list
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.image_list)
+
+    def __getitem__(self, index: int):
+        path = self.image_list.root / self.image_list.paths[index]
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image).convert("RGB")
+        return self.transform(image), int(self.image_list.labels[index]), int(index)

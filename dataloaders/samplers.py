@@ -1,0 +1,261 @@
+"""Batch samplers for metric learning: every batch must contain positive pairs to learn from.
+
+Both samplers yield lists of item indices; use them as `DataLoader(dataset, batch_sampler=sampler)`.
+An epoch's plan is a pure function of (seed, epoch), computed on every rank alike, so runs are
+reproducible, a resumed run replays the same batches (`set_epoch` + `set_start_batch`), and ranks
+agree on the plan without communicating. As with DistributedSampler, call `set_epoch(epoch)` before
+each epoch, otherwise every epoch repeats the plan of epoch 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch.utils.data import Sampler
+
+
+class _EpochPlanSampler(Sampler[list[int]]):
+    """Shared bookkeeping: per-epoch seeding, mid-epoch resume and the split of batches over ranks.
+
+    Subclasses set `_num_batches` (all ranks together) and implement `_plan(rng)` returning
+    int64 [num_batches, batch_size].
+    """
+
+    def __init__(self, num_batches: int, seed: int, rank: int, world_size: int) -> None:
+        super().__init__()
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0 (numpy seeding), got {seed}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if num_batches < world_size:
+            raise ValueError(
+                f"{type(self).__name__}: {num_batches} batches per epoch cannot be shared by "
+                f"{world_size} ranks; use more data or smaller batches"
+            )
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+        self._num_batches = num_batches
+        self._start_batch = 0
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch; the same every epoch and on every rank."""
+        return self._num_batches // self.world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the plan of `epoch` (>= 0) for the following iterations."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = epoch
+
+    def set_start_batch(self, num_batches: int) -> None:
+        """Make the next iteration (only) skip this rank's first `num_batches` batches of the epoch."""
+        if not 0 <= num_batches <= len(self):
+            raise ValueError(f"start batch must be in [0, {len(self)}], got {num_batches}")
+        self._start_batch = num_batches
+
+    def epoch_plan(self, epoch: int) -> np.ndarray:
+        """int64 [num_batches, batch_size]: all ranks' batches of `epoch`, before the rank split."""
+        return self._plan(np.random.default_rng((self.seed, epoch)))
+
+    def __iter__(self):
+        # Consume the start offset now, not lazily inside a generator, so it applies to exactly
+        # the iteration that was asked for.
+        start, self._start_batch = self._start_batch, 0
+        # Ranks interleave (r, r + W, ...) and the tail that cannot be shared evenly is dropped:
+        # every rank must run the same number of steps or collective ops hang.
+        mine = self.epoch_plan(self.epoch)[self.rank : len(self) * self.world_size : self.world_size]
+        return (batch.tolist() for batch in mine[start:])
+
+    def _plan(self, rng: np.random.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+
+class PKBatchSampler(_EpochPlanSampler):
+    """Batches of P distinct classes x K images each, covering every usable image once per epoch.
+
+    A batch is P*K indices laid out class by class: K consecutive indices share a class.
+
+    Epoch plan:
+        1. Each class with n >= 2 images is shuffled and cut into ceil(n / K) chunks of K. A short
+           last chunk is filled with other images of the class, so its K images stay distinct;
+           a class with n < K repeats its images as evenly as possible (n=2, K=4: a b b a).
+           Repeats are deliberate: the dataset draws a fresh random augmentation per fetch, so a
+           repeat is a different view of the same product, and small classes still give K
+           positives. The loss sees them as ordinary positives; items carry their index if a
+           caller wants to tell same-source pairs apart.
+        2. Chunks are dealt to the len() * world_size batches so that no batch gets two chunks of
+           one class: classes in random order with their chunks consecutive, dealt round by
+           round, each round a fresh random permutation of the batches (the class that spans two
+           rounds avoids, in the second, the batches it took in the first).
+        3. Batches are shuffled.
+
+    Corner cases:
+        - Single-image classes form no positive pair: excluded, counted in `num_excluded_classes`.
+        - len() is total_chunks // P (then // world_size), the same every epoch. The chunks left
+          over by that floor (at most P - 1) are chosen at random each epoch, so an image can miss
+          one epoch only when total_chunks % P != 0.
+        - A class with more chunks than there are batches (one class dominating the data) cannot
+          place all of them: the excess is left out, and the batches it would have filled get fresh
+          chunks of random other classes (images repeated within the epoch).
+        - With world_size > 1, rank r takes batches r, r + world_size, ...
+
+    Args:
+        labels: int [N] class label per dataset item.
+        classes_per_batch: P >= 2.
+        images_per_class: K >= 2.
+        seed: >= 0; with the epoch, fixes the plan.
+        rank, world_size: this process's share of the batches.
+
+    Raises:
+        ValueError: P < 2, K < 2, fewer than P classes with >= 2 images, or fewer batches than ranks.
+    """
+
+    def __init__(
+        self,
+        labels: np.ndarray,
+        classes_per_batch: int,
+        images_per_class: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if classes_per_batch < 2:
+            raise ValueError(f"classes_per_batch (P) must be >= 2 to have negatives, got {classes_per_batch}")
+        if images_per_class < 2:
+            raise ValueError(f"images_per_class (K) must be >= 2 to have positives, got {images_per_class}")
+        members = _members_by_class(labels)
+        self._members = [m for m in members if m.size >= 2]
+        self.num_excluded_classes = len(members) - len(self._members)
+        if len(self._members) < classes_per_batch:
+            raise ValueError(
+                f"PKBatchSampler: classes_per_batch (P) = {classes_per_batch} but only "
+                f"{len(self._members)} classes have >= 2 images "
+                f"({self.num_excluded_classes} single-image classes excluded); lower P"
+            )
+        self.classes_per_batch, self.images_per_class = classes_per_batch, images_per_class
+        self._num_chunks = np.array([-(-m.size // images_per_class) for m in self._members])
+        super().__init__(int(self._num_chunks.sum()) // classes_per_batch, seed, rank, world_size)
+
+    def _plan(self, rng: np.random.Generator) -> np.ndarray:
+        P, K, B = self.classes_per_batch, self.images_per_class, self._num_batches
+        used = self._chunks_used(rng)  # [C'] chunks per class this epoch, each <= B, sum B * P
+        class_order = rng.permutation(len(self._members))
+        chunks = np.concatenate(
+            [_class_chunks(rng, self._members[c], K, used[c]) for c in class_order if used[c]]
+        )  # [B * P, K], classes consecutive in class_order
+        chunk_class = np.repeat(class_order, used[class_order])  # [B * P]
+        batch_of_chunk = _deal(rng, chunk_class, B)
+        chunks_by_batch = np.argsort(batch_of_chunk, kind="stable").reshape(B, P)
+        return chunks[chunks_by_batch].reshape(B, P * K)[rng.permutation(B)]
+
+    def _chunks_used(self, rng: np.random.Generator) -> np.ndarray:
+        """Chunks per class for this epoch: as cut, capped at one per batch, summing to B * P."""
+        B, P = self._num_batches, self.classes_per_batch
+        used = np.minimum(self._num_chunks, B)
+        surplus = int(used.sum()) - B * P
+        if surplus == 0:
+            return used
+        # Leave out random chunks (the floor in len()), or add fresh chunks to classes that still
+        # have room (when a capped class left batches short). Both draw chunk slots uniformly
+        # without replacement, i.e. per-class counts from a multivariate hypergeometric.
+        capacity = used if surplus > 0 else B - used
+        picked = rng.multivariate_hypergeometric(capacity, abs(surplus))
+        return used - np.sign(surplus) * picked
+
+
+def _class_chunks(rng: np.random.Generator, members: np.ndarray, k: int, count: int) -> np.ndarray:
+    """int64 [count, k]: one class's chunks for an epoch (see PKBatchSampler, step 1)."""
+    order = rng.permutation(members)
+    short = -order.size % k
+    if short:
+        # Fill the last chunk from the other chunks' images (distinct while n >= k); a class with
+        # n < k has no others, so cycle through a reshuffle of the whole class.
+        others = order[: order.size - (k - short)]
+        source = others if others.size >= short else order
+        order = np.concatenate([order, np.resize(rng.permutation(source), short)])
+    chunks = order.reshape(-1, k)
+    extra = [np.resize(rng.permutation(members), k) for _ in range(count - len(chunks))]
+    return np.concatenate([chunks[:count], *[e[None] for e in extra]])
+
+
+def _deal(rng: np.random.Generator, chunk_class: np.ndarray, num_batches: int) -> np.ndarray:
+    """Batch id [B * P] for each chunk, no class twice in a batch.
+
+    Requires each class's chunks to be consecutive and at most `num_batches` of them. Position i is
+    dealt in round i // B to batch perm_round[i % B]: within a round every batch is distinct, and a
+    class spans at most two rounds, so only the class straddling a round boundary needs the second
+    round's permutation to start with batches it does not already hold.
+    """
+    B = num_batches
+    batch_of = np.empty(chunk_class.size, dtype=np.int64)
+    for start in range(0, chunk_class.size, B):
+        perm = rng.permutation(B)
+        if start and chunk_class[start - 1] == chunk_class[start]:
+            previous = slice(start - B, start)
+            taken = batch_of[previous][chunk_class[previous] == chunk_class[start]]
+            perm = perm[np.argsort(np.isin(perm, taken), kind="stable")]
+        batch_of[start : start + B] = perm
+    return batch_of
+
+
+class RandomTripletBatchSampler(_EpochPlanSampler):
+    """The reference pipeline's batches: T random (anchor, positive, negative) triplets.
+
+    A batch is 3T indices: the T anchors, then their T positives, then their T negatives. Every
+    image of a class with >= 2 images is an anchor once per epoch, in shuffled order; its positive
+    is a uniformly drawn other image of its class, its negative a uniformly drawn image of any other
+    class (single-image classes included: they are valid negatives).
+
+    Corner cases:
+        - Single-image classes cannot be anchors; counted in `num_excluded_classes`.
+        - len() = num_anchors // T (then // world_size); the last num_anchors % T anchors of the
+          shuffled order are not used that epoch.
+        - An image may appear several times in a batch (e.g. as one anchor's positive and another's
+          negative).
+
+    Raises:
+        ValueError: T < 1, fewer than 2 classes, or fewer than T anchors.
+    """
+
+    def __init__(
+        self, labels: np.ndarray, triplets_per_batch: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if triplets_per_batch < 1:
+            raise ValueError(f"triplets_per_batch must be >= 1, got {triplets_per_batch}")
+        members = _members_by_class(labels)
+        if len(members) < 2:
+            raise ValueError("RandomTripletBatchSampler needs at least 2 classes to draw negatives")
+        sizes = np.array([m.size for m in members])
+        # Work in class-sorted positions: a class is a contiguous range, so "same class" and
+        # "another class" are both a range computation, vectorised over all anchors.
+        self._items = np.concatenate(members)
+        self._class_size = np.repeat(sizes, sizes)
+        self._class_start = np.repeat(np.cumsum(sizes) - sizes, sizes)
+        self._anchors = np.flatnonzero(self._class_size >= 2)
+        self.num_excluded_classes = int((sizes < 2).sum())
+        self.triplets_per_batch = triplets_per_batch
+        if self._anchors.size < triplets_per_batch:
+            raise ValueError(
+                f"RandomTripletBatchSampler: triplets_per_batch = {triplets_per_batch} but only "
+                f"{self._anchors.size} images are in classes with >= 2 images"
+            )
+        super().__init__(self._anchors.size // triplets_per_batch, seed, rank, world_size)
+
+    def _plan(self, rng: np.random.Generator) -> np.ndarray:
+        B, T = self._num_batches, self.triplets_per_batch
+        anchor = rng.permutation(self._anchors)[: B * T]
+        start, size = self._class_start[anchor], self._class_size[anchor]
+        # Offset 1..size-1 from the anchor within its class range never lands on the anchor.
+        positive = start + (anchor - start + rng.integers(1, size)) % size
+        # Uniform over the N - size positions outside the class range: skip over the range.
+        draw = rng.integers(0, self._items.size - size)
+        negative = np.where(draw < start, draw, draw + size)
+        return np.concatenate([self._items[p].reshape(B, T) for p in (anchor, positive, negative)], axis=1)
+
+
+def _members_by_class(labels: np.ndarray) -> list[np.ndarray]:
+    """Item indices per class (int64 arrays, ascending), classes in sorted label order."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a non-empty 1-D integer array, got {labels.dtype} {labels.shape}")
+    order = np.argsort(labels, kind="stable").astype(np.int64)
+    return np.split(order, np.flatnonzero(np.diff(labels[order])) + 1)

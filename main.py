@@ -1,0 +1,348 @@
+"""Command line: the only module that wires config -> data -> model -> objective -> trainer -> evaluation.
+
+    python main.py --mode train [--config FILE] [--resume] [key=value ...]
+    python main.py --mode eval  [--config FILE] [--checkpoint PATH|none] [--output FILE] [key=value ...]
+    python main.py --mode eval  --embeddings E.npy --labels L.npy [--output report.json]
+    python main.py --mode demo  [key=value ...]        (configs/demo.yaml: train, then eval untrained vs trained)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: printed as one line, exit code 2."""
+
+
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Fine-tune and evaluate a Swinv2 image-retrieval model (deep metric learning).",
+        epilog="Trailing section.key=value pairs override the config, e.g. train.epochs=3 data.root=/data/sop",
+    )
+    parser.add_argument("--mode", required=True, choices=("train", "eval", "demo"))
+    parser.add_argument("--config", type=Path, default=None,
+                        help="YAML config (default: built-in SOP defaults; demo mode: configs/demo.yaml)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="eval: checkpoint to evaluate (default: best.pt in output.dir); 'none' = backbone as loaded")
+    parser.add_argument("--embeddings", type=Path, help="eval: precomputed (N, D) float .npy; no model, no images")
+    parser.add_argument("--labels", type=Path, help="eval: (N,) integer .npy labels for --embeddings")
+    parser.add_argument("--output", type=Path, help="eval: where to write the report JSON (default: output.dir/report.json)")
+    parser.add_argument("--resume", action="store_true", help="train: continue from last.pt in output.dir")
+    parser.add_argument("--overwrite", action="store_true", help="train: start afresh even if output.dir holds a run")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser.parse_args(argv)
+
+
+# ---- data ------------------------------------------------------------------------------------------
+def resolve_image_lists(config, need_train: bool, need_test: bool):
+    """(train, validation, test) ImageLists from the configured format; None where not needed."""
+    from dataloaders import read_folder_tree, read_sop_list, split_classes
+    from dataloaders.demo_data import ensure_demo_dataset
+
+    data = config.data
+    root = Path(data.root)
+    if data.format == "demo":
+        ensure_demo_dataset(root, data.demo_classes, data.demo_images_per_class, data.image_size, config.train.seed)
+    elif not root.is_dir():
+        raise UsageError(f"data.root '{root}' does not exist; point data.root at your {data.format} dataset "
+                         f"(see README: 'Getting SOP'), or run the demo: python main.py --mode demo")
+    train = validation = test = None
+    if need_train:
+        if data.format == "folder":
+            full = read_folder_tree(root)
+        else:
+            full = read_sop_list(root / data.train_list, root)
+        train_indices, val_indices = split_classes(full.labels, data.val_fraction, data.split_seed)
+        train, validation = full.subset(train_indices), full.subset(val_indices)
+    if need_test:
+        if data.format == "folder":
+            if not data.test_root:
+                raise UsageError("data.test_root is empty: the folder format needs a separate folder of test classes")
+            test = read_folder_tree(Path(data.test_root))
+        else:
+            test = read_sop_list(root / data.test_list, root)
+    return train, validation, test
+
+
+def worker_count(configured: int) -> int:
+    return len(os.sched_getaffinity(0)) if configured == -1 else configured
+
+
+def evaluation_loader(image_list, config, mean, std, device):
+    import torch
+    from dataloaders import ImageDataset, build_transforms
+
+    workers = worker_count(config.data.num_workers)
+    dataset = ImageDataset(image_list, build_transforms(config.data.image_size, mean, std, train=False))
+    return torch.utils.data.DataLoader(dataset, batch_size=config.eval.batch_size, shuffle=False, num_workers=workers,
+                                       pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+
+def training_loader(image_list, config, mean, std, device):
+    import torch
+    from dataloaders import ImageDataset, PKBatchSampler, RandomTripletBatchSampler, build_transforms
+
+    data = config.data
+    try:
+        if data.sampler == "pk":
+            batch_sampler = PKBatchSampler(image_list.labels, data.classes_per_batch, data.images_per_class,
+                                           config.train.seed)
+        else:
+            batch_sampler = RandomTripletBatchSampler(image_list.labels, data.triplets_per_batch, config.train.seed)
+    except ValueError as error:  # e.g. P larger than the number of usable classes
+        raise UsageError(f"training split of {len(image_list)} images: {error}") from None
+    workers = worker_count(data.num_workers)
+    dataset = ImageDataset(image_list, build_transforms(data.image_size, mean, std, train=True, min_crop_scale=data.min_crop_scale))
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
+                                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                       generator=torch.Generator())
+
+
+# ---- shared set-up -----------------------------------------------------------------------------------
+def select_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"train.device={name} but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def print_report(title: str, report: dict) -> None:
+    from evaluation import markdown_table
+
+    print(f"\n{title} ({report['num_queries']} queries)\n")
+    print(markdown_table({title: report}))
+    print()
+
+
+# ---- modes -----------------------------------------------------------------------------------------
+def run_train(config, resume: bool, overwrite: bool) -> dict:
+    import torch
+
+    from config import save_config
+    from evaluation import evaluate_embeddings, extract_embeddings
+    from model import backbone_normalisation, build_embedder
+    from objective import MetricLearningObjective
+    from tracking import Tracker
+    from trainer import Trainer, build_optimizer, warmup_cosine_schedule
+
+    run_dir = Path(config.output.dir)
+    last = run_dir / "last.pt"
+    if last.exists() and not (resume or overwrite):
+        raise UsageError(f"{run_dir} already holds a run (last.pt): add --resume to continue it, "
+                         f"--overwrite to start afresh, or set output.dir to a new folder")
+    if resume and not last.exists():
+        raise UsageError(f"--resume: no {last} to resume from")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(run_dir, os.W_OK):
+        raise UsageError(f"output.dir '{run_dir}' is not writable")
+
+    train_list, val_list, _ = resolve_image_lists(config, need_train=True, need_test=False)
+    device = select_device(config.train.device)
+    seed_everything(config.train.seed)
+    model = build_embedder(config.model.backbone, config.data.image_size, config.model.embedding_dim).to(device)
+    mean, std = backbone_normalisation(config.model.backbone)
+    train_loader = training_loader(train_list, config, mean, std, device)
+    print(f"train: {len(train_list)} images / {train_list.num_classes} classes; "
+          f"validation: {len(val_list)} images / {val_list.num_classes} classes; "
+          f"{len(train_loader)} batches per epoch; device {device}")
+
+    validate = None
+    if len(val_list) >= 2:
+        val_loader = evaluation_loader(val_list, config, mean, std, device)
+
+        def validate(trained_model):
+            embeddings, labels = extract_embeddings(trained_model, val_loader, device, config.train.precision, "validate")
+            return evaluate_embeddings(embeddings, labels, config.eval.recall_ks, config.eval.backend)
+    else:
+        print("no validation classes (data.val_fraction=0): best.pt will be the last epoch")
+
+    objective = MetricLearningObjective(config.train.loss, config.train.miner, config.train.margin,
+                                        config.train.contrastive_pos_margin, config.train.contrastive_neg_margin,
+                                        config.train.seed)
+    optimizer = build_optimizer(model, config.train.lr, config.train.head_lr_multiplier, config.train.weight_decay, device)
+    total_steps = config.train.epochs * len(train_loader)
+    scheduler = warmup_cosine_schedule(optimizer, total_steps, round(config.train.warmup_fraction * total_steps))
+
+    save_config(config, run_dir / "config.yaml")
+    tracker = Tracker(run_dir, config.wandb.mode, config.wandb.project, config.wandb.entity, config.wandb.run_name,
+                      config.to_dict(), job_type="train")
+    checkpoint_extra = {
+        "config": config.to_dict(),
+        "backbone_config_json": model.backbone.config.to_json_string(),
+        "embedding_dim": config.model.embedding_dim,
+        "normalisation": {"mean": list(mean), "std": list(std)},
+    }
+    trainer = Trainer(model, objective, optimizer, scheduler, train_loader, validate, device, config.train.precision,
+                      config.train.grad_clip, config.train.epochs, config.train.patience, run_dir, tracker,
+                      config.train.seed, checkpoint_extra)
+    if resume:
+        trainer.resume(last)
+    try:
+        summary = trainer.fit()
+    finally:
+        tracker.finish()
+    print(f"done: best validation recall@1 {100 * summary['best_val_recall@1']:.2f}%; checkpoints in {run_dir}")
+    return summary
+
+
+def load_model_for_eval(config, checkpoint_arg, device):
+    """(model, mean, std, description). `none` = the backbone as loaded (pretrained or random init)."""
+    import torch
+
+    from model import backbone_normalisation, build_embedder, embedder_from_backbone_config
+    from trainer import load_checkpoint
+
+    if checkpoint_arg == "none":
+        seed_everything(config.train.seed)  # `tiny` then starts from the same random weights as training did
+        model = build_embedder(config.model.backbone, config.data.image_size, config.model.embedding_dim)
+        mean, std = backbone_normalisation(config.model.backbone)
+        return model.to(device), mean, std, f"{config.model.backbone} (not fine-tuned)"
+    path = Path(checkpoint_arg) if checkpoint_arg else Path(config.output.dir) / "best.pt"
+    if not path.is_file():
+        raise UsageError(f"checkpoint '{path}' does not exist (train first, or pass --checkpoint PATH or none)")
+    checkpoint = load_checkpoint(path)
+    backbone_config = json.loads(checkpoint["backbone_config_json"])
+    model = embedder_from_backbone_config(backbone_config, checkpoint["embedding_dim"])
+    model.load_state_dict(checkpoint["model"])  # strict: every tensor must match
+    normalisation = checkpoint["normalisation"]
+    return model.to(device), tuple(normalisation["mean"]), tuple(normalisation["std"]), f"{path} (epoch {checkpoint['epoch']})"
+
+
+def run_eval_embeddings(config, embeddings_path: Path, labels_path: Path, output: Path | None) -> dict:
+    import numpy as np
+
+    from evaluation import evaluate_embeddings, write_report
+
+    for path in (embeddings_path, labels_path):
+        if not path.is_file():
+            raise UsageError(f"'{path}' does not exist")
+    embeddings = np.load(embeddings_path, allow_pickle=False)
+    labels = np.load(labels_path, allow_pickle=False)
+    if embeddings.ndim != 2 or not np.issubdtype(embeddings.dtype, np.floating):
+        raise UsageError(f"--embeddings must be a 2-D float array; got shape {embeddings.shape}, dtype {embeddings.dtype}")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or len(labels) != len(embeddings):
+        raise UsageError(f"--labels must be a 1-D integer array of length {len(embeddings)}; "
+                         f"got shape {labels.shape}, dtype {labels.dtype}")
+    # Inner product ranks like cosine only for unit vectors: normalise whatever was given.
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    embeddings = (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)
+    report = evaluate_embeddings(embeddings, labels.astype(np.int64), config.eval.recall_ks, config.eval.backend)
+    report["source"] = str(embeddings_path)
+    output = output or Path(config.output.dir) / "report.json"
+    write_report(report, output)
+    print_report(str(embeddings_path), report)
+    print(f"report written to {output}")
+    return report
+
+
+def run_eval(config, checkpoint_arg, output: Path | None) -> dict:
+    import numpy as np
+
+    from evaluation import evaluate_embeddings, extract_embeddings, write_report
+    from tracking import Tracker
+
+    device = select_device(config.train.device)
+    _, _, test_list = resolve_image_lists(config, need_train=False, need_test=True)
+    model, mean, std, description = load_model_for_eval(config, checkpoint_arg, device)
+    loader = evaluation_loader(test_list, config, mean, std, device)
+    started = time.perf_counter()
+    embeddings, labels = extract_embeddings(model, loader, device, config.train.precision, "embed test set")
+    seconds_embed = time.perf_counter() - started
+    report = evaluate_embeddings(embeddings, labels, config.eval.recall_ks, config.eval.backend)
+    report.update(seconds_embed=round(seconds_embed, 3), model=description, split="test")
+
+    run_dir = Path(config.output.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prefix = "untrained_" if checkpoint_arg == "none" else ""
+    np.save(run_dir / f"{prefix}test_embeddings.npy", embeddings.numpy())
+    np.save(run_dir / f"{prefix}test_labels.npy", labels.numpy())
+    output = output or run_dir / f"{prefix}report.json"
+    write_report(report, output)
+    tracker = Tracker(run_dir, config.wandb.mode, config.wandb.project, config.wandb.entity, config.wandb.run_name,
+                      config.to_dict(), job_type="eval")
+    tracker.log({f"test/{k}": v for k, v in report.items() if isinstance(v, (int, float))}, step=0)
+    tracker.summary({f"test/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
+    tracker.finish()
+    print_report(f"test: {description}", report)
+    print(f"report written to {output}")
+    return report
+
+
+def run_demo(config) -> dict:
+    from evaluation import markdown_table, write_report
+
+    run_train(config, resume=False, overwrite=True)
+    untrained = run_eval(config, "none", None)
+    trained = run_eval(config, None, None)
+    table = markdown_table({"untrained (random init)": untrained, "trained (best.pt)": trained})
+    summary = {"untrained": untrained, "trained": trained,
+               "recall@1_gain_points": round(100 * (trained["recall@1"] - untrained["recall@1"]), 2)}
+    write_report(summary, Path(config.output.dir) / "demo_report.json")
+    print("\nDemo, test split (classes never seen in training):\n")
+    print(table)
+    print(f"\nRecall@1 gain from training: {summary['recall@1_gain_points']:+.2f} points")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    from config import ConfigError, load_config
+
+    try:
+        config_path = arguments.config or (DEMO_CONFIG if arguments.mode == "demo" else None)
+        config = load_config(config_path, arguments.overrides)
+        if arguments.mode == "train":
+            run_train(config, arguments.resume, arguments.overwrite)
+        elif arguments.mode == "demo":
+            run_demo(config)
+        elif arguments.embeddings or arguments.labels:
+            if not (arguments.embeddings and arguments.labels):
+                raise UsageError("--embeddings and --labels go together")
+            run_eval_embeddings(config, arguments.embeddings, arguments.labels, arguments.output)
+        else:
+            run_eval(config, arguments.checkpoint, arguments.output)
+    except (ConfigError, UsageError) as error:
+        if arguments.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as error:  # known data/model errors carry one-line messages
+        from dataloaders import DataFormatError
+        from model import BackboneLoadError
+        from trainer import NonFiniteLossError
+
+        if arguments.debug or not isinstance(error, (DataFormatError, BackboneLoadError, NonFiniteLossError)):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The embedding model: a transformers Swinv2Model, an optional linear projection, L2 normalisation."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Swinv2Config, Swinv2Model
+
+TINY_BACKBONE = "tiny"
+# Swinv2 checkpoints on the hub are trained with ImageNet's normalisation.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BackboneLoadError(RuntimeError):
+    """The backbone could not be built or loaded; the message says what to do."""
+
+
+def tiny_backbone_config(image_size: int) -> Swinv2Config:
+    """A small random Swinv2 (0.6 M parameters, 128-d pooled output) for tests and the CPU demo."""
+    return Swinv2Config(
+        image_size=image_size, patch_size=4, embed_dim=32, depths=[2, 2, 2], num_heads=[2, 4, 8], window_size=4
+    )
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One TCP connect to the hub. Without it, from_pretrained retries for ~25 s before failing."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_backbone(name: str, image_size: int) -> Swinv2Model:
+    """Build or load the Swinv2 backbone.
+
+    Args:
+        name: `tiny` (random weights, see tiny_backbone_config), a local directory saved by
+            `save_pretrained` / downloaded from the hub, or a hub id such as
+            `microsoft/swinv2-base-patch4-window16-256` (cached copies are used first).
+        image_size: input resolution; used by `tiny` only (pretrained models keep their own).
+
+    Raises:
+        BackboneLoadError within seconds when the weights are neither local nor reachable.
+    """
+    if name == TINY_BACKBONE:
+        return Swinv2Model(tiny_backbone_config(image_size))
+    if Path(name).is_dir():
+        try:
+            return Swinv2Model.from_pretrained(name)
+        except (OSError, ValueError) as error:
+            raise BackboneLoadError(f"model.backbone '{name}' is a folder but not a Swinv2 checkpoint: {error}") from None
+    try:
+        return Swinv2Model.from_pretrained(name, local_files_only=True)
+    except OSError:
+        pass  # not cached: try the hub, if it answers at all
+    how_to_fix = (
+        f"on a machine with internet run `hf download {name} --local-dir models_ckpt/{name.split('/')[-1]}`, "
+        f"copy that folder here, and set model.backbone=models_ckpt/{name.split('/')[-1]} "
+        f"(or model.backbone=tiny for a small random model)"
+    )
+    if not _hub_reachable():
+        raise BackboneLoadError(f"cannot load backbone '{name}': not in the local cache and the hub is unreachable; {how_to_fix}")
+    try:
+        return Swinv2Model.from_pretrained(name)
+    except OSError as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise BackboneLoadError(f"cannot load backbone '{name}': {first_line}; {how_to_fix}") from None
+
+
+def backbone_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) for input normalisation: a local folder's preprocessor_config.json, else ImageNet's."""
+    processor_file = Path(name) / "preprocessor_config.json"
+    if processor_file.is_file():
+        settings = json.loads(processor_file.read_text())
+        if "image_mean" in settings and "image_std" in settings:
+            return tuple(settings["image_mean"]), tuple(settings["image_std"])
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+class Embedder(nn.Module):
+    """Images -> L2-normalised embeddings.
+
+    pixel_values (B, 3, H, W) -> Swinv2 pooled output (B, hidden) -> Linear (B, embedding_dim), when
+    embedding_dim > 0 -> L2 normalisation. Output is float32 unit vectors whatever the autocast dtype,
+    so distances and losses downstream are computed at full precision.
+    """
+
+    def __init__(self, backbone: Swinv2Model, embedding_dim: int):
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        self.projection = nn.Linear(hidden, embedding_dim) if embedding_dim > 0 else nn.Identity()
+        self.embedding_dim = embedding_dim if embedding_dim > 0 else hidden
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pooled = self.backbone(pixel_values=pixel_values).pooler_output  # (B, hidden)
+        return F.normalize(self.projection(pooled).float(), dim=-1)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.projection.parameters())
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return list(self.backbone.parameters())
+
+
+def build_embedder(backbone_name: str, image_size: int, embedding_dim: int) -> Embedder:
+    """The model for training or for `--checkpoint none` evaluation (weights as loaded)."""
+    return Embedder(load_backbone(backbone_name, image_size), embedding_dim)
+
+
+def embedder_from_backbone_config(backbone_config: dict, embedding_dim: int) -> Embedder:
+    """The architecture stored in a checkpoint, with random weights, ready for `load_state_dict`.
+
+    No download: the checkpoint carries the backbone's config, and its weights replace these.
+    """
+    return Embedder(Swinv2Model(Swinv2Config.from_dict(backbone_config)), embedding_dim)

@@ -1,0 +1,173 @@
+"""The pipeline through the same CLI a user types (in-process for speed, one real subprocess)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import main
+from conftest import REPO_ROOT
+from trainer import load_checkpoint
+
+REPORT_KEYS = {"recall@1", "recall@10", "recall@100", "recall@1000", "map@r", "r_precision", "mrr", "num_queries"}
+
+
+def demo_overrides(tmp_path, **extra):
+    values = {
+        "data.root": tmp_path / "demo_data", "data.demo_classes": 8, "data.demo_images_per_class": 4,
+        "data.image_size": 32, "data.val_fraction": 0.25, "data.classes_per_batch": 3, "data.images_per_class": 2,
+        "train.epochs": 2, "output.dir": tmp_path / "run", "wandb.mode": "disabled",
+    }
+    values.update(extra)
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def run_cli(*argv):
+    return main.main([str(a) for a in argv])
+
+
+def brute_force_metrics(embeddings, labels):
+    """Per-query loops over a full similarity matrix: ties broken by smaller index, self excluded."""
+    n = len(labels)
+    similarity = embeddings @ embeddings.T
+    sums = {"recall@1": 0.0, "recall@10": 0.0, "map@r": 0.0, "r_precision": 0.0, "mrr": 0.0}
+    counted = 0
+    for q in range(n):
+        order = sorted((j for j in range(n) if j != q), key=lambda j: (-similarity[q, j], j))
+        hits = [labels[j] == labels[q] for j in order]
+        r = sum(hits)
+        if r == 0:
+            continue
+        counted += 1
+        sums["recall@1"] += float(any(hits[:1]))
+        sums["recall@10"] += float(any(hits[:10]))
+        sums["r_precision"] += sum(hits[:r]) / r
+        sums["map@r"] += sum(sum(hits[:i + 1]) / (i + 1) for i in range(r) if hits[i]) / r
+        sums["mrr"] += 1.0 / (hits.index(True) + 1)
+    return {key: value / counted for key, value in sums.items()}, counted
+
+
+def test_eval_of_precomputed_embeddings_matches_brute_force_with_ties_and_duplicates(tmp_path):
+    generator = np.random.default_rng(0)
+    # Unit vectors with four entries of +-1/2 and two zeros: every similarity is an exact multiple of 1/4,
+    # so float32 and float64 agree and exact ties abound (including at the top-k boundary).
+    signs = generator.choice([-0.5, 0.5], size=(60, 6))
+    zeros = np.argsort(generator.random((60, 6)), axis=1)[:, :2]
+    np.put_along_axis(signs, zeros, 0.0, axis=1)
+    embeddings = signs.astype(np.float32)
+    embeddings[10] = embeddings[11] = embeddings[12]  # exact duplicates
+    labels = generator.integers(0, 12, size=60)
+    labels[59] = 99  # a class of one: no relevant item, excluded from every metric
+    np.save(tmp_path / "e.npy", embeddings)
+    np.save(tmp_path / "l.npy", labels)
+    code = run_cli("--mode", "eval", "--embeddings", tmp_path / "e.npy", "--labels", tmp_path / "l.npy",
+                   "--output", tmp_path / "report.json", "eval.backend=torch")
+    assert code == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    expected, counted = brute_force_metrics(embeddings.astype(np.float64), labels)
+    assert report["num_queries"] == counted < 60
+    assert report["num_queries_without_relevant"] == 60 - counted
+    for key, value in expected.items():
+        assert report[key] == pytest.approx(value, abs=1e-6), key
+    assert report["recall@100"] == report["recall@1000"] == 1.0  # k >= N - 1 retrieves everything
+
+
+def test_train_writes_run_folder_then_resume_restores_optimiser_and_epoch(tmp_path):
+    assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml", *demo_overrides(tmp_path)) == 0
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt"):
+        assert (run / name).is_file(), name
+    first = load_checkpoint(run / "last.pt")
+    assert first["epoch"] == 2 and first["global_step"] > 0
+    assert "recall@1" in first["metrics"]
+    assert {"model", "optimizer", "scheduler", "scaler", "config"} <= set(first)
+
+    # Resume with more epochs: the optimiser's moments continue from the saved ones, and the epoch count too.
+    assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml", "--resume",
+                   *demo_overrides(tmp_path, **{"train.epochs": 3})) == 0
+    second = load_checkpoint(run / "last.pt")
+    assert second["epoch"] == 3
+    steps_per_epoch = first["global_step"] // 2
+    assert second["global_step"] == first["global_step"] + steps_per_epoch
+    first_state, second_state = first["optimizer"]["state"], second["optimizer"]["state"]
+    assert second_state[0]["step"].item() == first_state[0]["step"].item() + steps_per_epoch
+    assert len(second["history"]) == 3
+
+
+def test_resume_restores_exact_state_into_the_trainer(tmp_path):
+    assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml",
+                   *demo_overrides(tmp_path, **{"train.epochs": 1})) == 0
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")
+    from model import build_embedder
+    from objective import MetricLearningObjective
+    from trainer import Trainer, build_optimizer, warmup_cosine_schedule
+
+    model = build_embedder("tiny", 32, 64)
+    optimizer = build_optimizer(model, 1e-3, 1.0, 0.05, torch.device("cpu"))
+    trainer = Trainer(model, MetricLearningObjective("triplet", "batchhard", 0.1, 0.0, 0.5, 0), optimizer,
+                      warmup_cosine_schedule(optimizer, 10, 1), None, None, torch.device("cpu"), "fp32", 1.0, 1, 0,
+                      tmp_path, None, 0, {})
+    trainer.resume(tmp_path / "run" / "last.pt")
+    assert trainer.epoch == saved["epoch"] == 1
+    assert trainer.scheduler.last_epoch == saved["scheduler"]["last_epoch"]
+    for key, tensor in saved["optimizer"]["state"][0].items():
+        assert torch.equal(optimizer.state_dict()["state"][0][key], tensor), key
+    for name, tensor in saved["model"].items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_existing_run_is_not_overwritten_silently(tmp_path, capsys):
+    overrides = demo_overrides(tmp_path, **{"train.epochs": 1})
+    assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml", *overrides) == 0
+    before = (tmp_path / "run" / "last.pt").stat().st_mtime_ns
+    assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml", *overrides) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (tmp_path / "run" / "last.pt").stat().st_mtime_ns == before
+
+
+def test_eval_of_checkpoint_and_of_untrained_model_write_reports(tmp_path):
+    overrides = demo_overrides(tmp_path, **{"train.epochs": 1})
+    assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml", *overrides) == 0
+    assert run_cli("--mode", "eval", "--config", REPO_ROOT / "configs/demo.yaml", *overrides) == 0
+    assert run_cli("--mode", "eval", "--config", REPO_ROOT / "configs/demo.yaml", "--checkpoint", "none", *overrides) == 0
+    trained = json.loads((tmp_path / "run" / "report.json").read_text())
+    untrained = json.loads((tmp_path / "run" / "untrained_report.json").read_text())
+    for report in (trained, untrained):
+        assert REPORT_KEYS <= set(report)
+        assert all(0.0 <= report[key] <= 1.0 for key in REPORT_KEYS - {"num_queries"})
+        assert report["num_queries"] == 16  # 4 test classes x 4 images
+    assert np.load(tmp_path / "run" / "test_embeddings.npy").shape == (16, 64)
+
+
+def test_bad_override_is_a_one_line_error_before_any_work(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "main.py", "--mode", "train", "train.epohcs=3", f"output.dir={tmp_path / 'x'}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    assert completed.stderr.strip().count("\n") == 0
+    assert "train.epohcs" in completed.stderr and "train.epochs" in completed.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_malformed_list_line_is_a_one_line_error_naming_file_and_line(tmp_path, capsys):
+    root = tmp_path / "sop"
+    root.mkdir()
+    (root / "Ebay_train.txt").write_text("image_id class_id super_class_id path\n1 1 1 a/1.jpg\n2 one 1 a/2.jpg\n")
+    code = run_cli("--mode", "train", "data.format=sop", f"data.root={root}", f"output.dir={tmp_path / 'run'}",
+                   "model.backbone=tiny", "wandb.mode=disabled")
+    error = capsys.readouterr().err.strip()
+    assert code != 0
+    assert error.count("\n") == 0
+    assert "Ebay_train.txt:3" in error
+
+
+def test_missing_sop_root_is_an_error_and_generates_nothing(tmp_path, capsys):
+    root = tmp_path / "nowhere"
+    code = run_cli("--mode", "train", f"data.root={root}", f"output.dir={tmp_path / 'run'}", "wandb.mode=disabled")
+    assert code == 2
+    assert "data.root" in capsys.readouterr().err
+    assert not root.exists()

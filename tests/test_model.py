@@ -1,0 +1,57 @@
+import time
+
+import pytest
+import torch
+
+from model import BackboneLoadError, build_embedder, embedder_from_backbone_config, load_backbone
+
+
+def test_tiny_embedder_outputs_unit_vectors_of_the_requested_dim():
+    torch.manual_seed(0)
+    model = build_embedder("tiny", 64, 32)
+    embeddings = model(torch.randn(3, 3, 64, 64))
+    assert embeddings.shape == (3, 32) and embeddings.dtype == torch.float32
+    assert torch.allclose(embeddings.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_no_projection_keeps_the_pooled_width():
+    model = build_embedder("tiny", 64, 0)
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, model.backbone.config.hidden_size)
+
+
+def test_bf16_autocast_still_gives_float32_unit_vectors():
+    model = build_embedder("tiny", 64, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        embeddings = model(torch.randn(2, 3, 64, 64))
+    assert embeddings.dtype == torch.float32
+    assert torch.allclose(embeddings.norm(dim=1), torch.ones(2), atol=1e-3)
+
+
+def test_local_checkpoint_folder_loads_like_a_hub_id(tmp_path):
+    torch.manual_seed(0)
+    original = load_backbone("tiny", 64)
+    original.save_pretrained(tmp_path / "backbone")
+    reloaded = load_backbone(str(tmp_path / "backbone"), 64)
+    x = torch.randn(1, 3, 64, 64)
+    original.eval(), reloaded.eval()
+    assert torch.allclose(original(pixel_values=x).pooler_output, reloaded(pixel_values=x).pooler_output)
+
+
+def test_rebuild_from_stored_backbone_config_matches_state_dict():
+    model = build_embedder("tiny", 64, 8)
+    rebuilt = embedder_from_backbone_config(model.backbone.config.to_dict(), 8)
+    rebuilt.load_state_dict(model.state_dict())  # strict
+
+
+def test_unreachable_hub_id_fails_fast_with_a_local_copy_hint(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(BackboneLoadError) as raised:
+        load_backbone("someone/no-such-swinv2-model", 64)
+    assert time.perf_counter() - started < 10
+    assert "local" in str(raised.value) and "model.backbone=" in str(raised.value)
+
+
+def test_folder_that_is_not_a_checkpoint_is_refused(tmp_path):
+    with pytest.raises(BackboneLoadError, match="not a Swinv2 checkpoint"):
+        load_backbone(str(tmp_path), 64)

@@ -1,0 +1,226 @@
+"""Training: the step, the epoch loop, per-epoch validation, atomic checkpoints, resume, early stopping."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from evaluation import autocast_context
+
+log = logging.getLogger("trainer")
+
+VALIDATION_METRIC = "recall@1"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; nothing from that step was applied or saved."""
+
+
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
+    """Linear warmup from ~0 to the base learning rate, then cosine decay to 0 at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_optimizer(model: nn.Module, lr: float, head_lr_multiplier: float, weight_decay: float,
+                    device: torch.device) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases and norm gains; the projection head at lr * head_lr_multiplier."""
+    head_ids = {id(p) for p in model.head_parameters()}
+    groups = {"decay": [], "no_decay": [], "head": []}
+    for parameter in model.parameters():
+        if not parameter.requires_grad:
+            continue
+        if id(parameter) in head_ids:
+            groups["head"].append(parameter)
+        elif parameter.ndim >= 2:
+            groups["decay"].append(parameter)
+        else:
+            groups["no_decay"].append(parameter)
+    param_groups = [
+        {"params": groups["decay"], "lr": lr, "weight_decay": weight_decay},
+        {"params": groups["no_decay"], "lr": lr, "weight_decay": 0.0},
+        {"params": groups["head"], "lr": lr * head_lr_multiplier, "weight_decay": weight_decay},
+    ]
+    param_groups = [group for group in param_groups if group["params"]]
+    return torch.optim.AdamW(param_groups, fused=device.type == "cuda")
+
+
+def save_checkpoint_atomically(state: dict, path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash at any moment leaves either the old file or the new one, never a torn one.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as stream:
+        torch.save(state, stream)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """Load a checkpoint without running any code from the file (`weights_only=True`)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class Trainer:
+    """Owns the loop; everything it needs arrives built (model, objective, optimiser, loaders).
+
+    Args:
+        validate: model -> metrics dict with `recall@1`, run after every epoch on the held-out
+            validation classes; None when there is no validation split (then last.pt is also best.pt).
+        checkpoint_extra: what eval needs to rebuild the model without the hub (config, backbone config...).
+        is_main: only the main process logs, prints progress and writes files.
+    """
+
+    def __init__(self, model: nn.Module, objective, optimizer, scheduler, train_loader,
+                 validate: Callable[[nn.Module], dict] | None, device: torch.device, precision: str,
+                 grad_clip: float, epochs: int, patience: int, run_dir: Path, tracker, seed: int,
+                 checkpoint_extra: dict, is_main: bool = True):
+        self.model, self.objective = model, objective
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.train_loader, self.validate = train_loader, validate
+        self.device, self.precision, self.grad_clip = device, precision, grad_clip
+        self.epochs, self.patience = epochs, patience
+        self.run_dir, self.tracker, self.seed = Path(run_dir), tracker, seed
+        self.checkpoint_extra, self.is_main = checkpoint_extra, is_main
+        # GradScaler matters only for fp16; disabled it is a pass-through, so the step has one code path.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.epoch = 0  # epochs completed
+        self.global_step = 0
+        self.best_metric = -math.inf
+        self.epochs_without_improvement = 0
+        self.history: list[dict] = []
+
+    # ---- one optimisation step -------------------------------------------------------------
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        with autocast_context(self.device, self.precision):
+            embeddings = self.model(images)  # (B, D) float32, unit norm
+        loss, num_triplets = self.objective(embeddings, labels)
+        loss_value = loss.item()  # note: a CPU-GPU sync point, needed for the finiteness check
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"loss is {loss_value} at step {self.global_step + 1} (epoch {self.epoch + 1}); "
+                f"stopped without applying it. Lower train.lr or use train.precision=fp32/bf16.")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.global_step += 1
+        return loss_value, num_triplets
+
+    # ---- epochs ------------------------------------------------------------------------------
+    def train_epoch(self) -> dict:
+        self.model.train()
+        sampler = self.train_loader.batch_sampler
+        sampler.set_epoch(self.epoch)
+        # Augmentation randomness in the workers depends only on (seed, epoch): resumable and repeatable.
+        self.train_loader.generator.manual_seed(self.seed * 100_003 + self.epoch)
+        progress = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", unit="batch",
+                        disable=not self.is_main, dynamic_ncols=True)
+        total_loss, total_images, started = 0.0, 0, time.perf_counter()
+        for step_in_epoch, (images, labels, _) in enumerate(progress, start=1):
+            loss, num_triplets = self.train_step(images, labels)
+            total_loss += loss
+            total_images += len(images)
+            images_per_second = total_images / (time.perf_counter() - started)
+            progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.1f}")
+            if self.global_step % 10 == 0 or step_in_epoch == len(self.train_loader):
+                self.tracker.log({"train/loss": loss, "train/triplets": num_triplets,
+                                  "train/lr": self.scheduler.get_last_lr()[0],
+                                  "train/images_per_second": images_per_second,
+                                  "epoch": self.epoch + step_in_epoch / len(self.train_loader)}, step=self.global_step)
+        seconds = time.perf_counter() - started
+        return {"train/epoch_loss": total_loss / max(1, len(self.train_loader)), "train/epoch_seconds": seconds,
+                "train/epoch_images_per_second": total_images / seconds if seconds > 0 else 0.0}
+
+    def fit(self) -> dict:
+        """Train until `epochs` or early stopping. Returns the best validation metrics (or the last epoch's)."""
+        while self.epoch < self.epochs:
+            summary = self.train_epoch()
+            validation = self.validate(self.model) if self.validate is not None else {}
+            self.epoch += 1
+            metric = validation.get(VALIDATION_METRIC, math.nan)
+            improved = self.validate is None or (math.isfinite(metric) and metric > self.best_metric)
+            if improved:
+                self.best_metric = metric if self.validate is not None else self.best_metric
+                self.epochs_without_improvement = 0
+            else:
+                self.epochs_without_improvement += 1
+            record = {"epoch": self.epoch, **summary, **{f"val/{k}": v for k, v in validation.items()}}
+            self.history.append(record)
+            self.tracker.log(record, step=self.global_step)
+            if self.is_main:
+                shown = f", val recall@1 {100 * metric:.2f}%" if validation else ""
+                tqdm.write(f"epoch {self.epoch}: loss {summary['train/epoch_loss']:.4f}, "
+                           f"{summary['train/epoch_images_per_second']:.1f} img/s{shown}"
+                           + (" (best)" if improved and validation else ""))
+                self.save("last.pt", validation)
+                if improved:
+                    self.save("best.pt", validation)
+            if self.patience and self.epochs_without_improvement >= self.patience:
+                if self.is_main:
+                    tqdm.write(f"early stopping: no better validation {VALIDATION_METRIC} for {self.patience} epochs")
+                break
+        return {"best_val_recall@1": self.best_metric, "epochs_completed": self.epoch}
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def state(self, metrics: dict) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "objective": self.objective.state_dict(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "best_metric": self.best_metric,
+            "epochs_without_improvement": self.epochs_without_improvement,
+            "history": self.history,
+            "metrics": metrics,
+            **self.checkpoint_extra,
+        }
+
+    def save(self, name: str, metrics: dict) -> None:
+        save_checkpoint_atomically(self.state(metrics), self.run_dir / name)
+
+    def resume(self, path: Path) -> None:
+        """Restore model, optimiser, scheduler, scaler, miner RNG, epoch and early-stopping state."""
+        checkpoint = load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.objective.load_state_dict(checkpoint["objective"])
+        self.epoch = checkpoint["epoch"]
+        self.global_step = checkpoint["global_step"]
+        self.best_metric = checkpoint["best_metric"]
+        self.epochs_without_improvement = checkpoint["epochs_without_improvement"]
+        self.history = list(checkpoint["history"])
+        if self.is_main:
+            tqdm.write(f"resumed from {path}: {self.epoch} epochs done, step {self.global_step}")

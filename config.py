@@ -31,12 +31,14 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "images_per_class": 4,  # K
         "triplets_per_batch": 16,  # sampler=triplets: a batch holds 3 x this many images
         "num_workers": -1,  # -1 = one per available CPU core
+        "cache_dir": "",  # a downsized copy built by `--mode cache` ("" = read the originals)
         "demo_classes": 100,  # format=demo only: size of the generated dataset
         "demo_images_per_class": 12,
     },
     "model": {
         "backbone": "microsoft/swinv2-base-patch4-window16-256",  # hub id | local dir | tiny
         "embedding_dim": 512,  # 0 = no projection head: the backbone's pooled output (1024-d for Swinv2-B)
+        "attention": "eager",  # eager (transformers' own) | sdpa (scaled_dot_product_attention, same weights)
     },
     "train": {
         "epochs": 15,
@@ -54,11 +56,16 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "seed": 0,
         "patience": 5,  # epochs without a better validation recall@1 before stopping; 0 = never stop early
         "device": "auto",  # auto | cpu | cuda | cuda:N
+        "compile": False,  # torch.compile the backbone (first step takes minutes; then much faster on GPU)
+        "grad_checkpointing": False,  # recompute activations in backward: less memory, ~30% more compute
+        "tf32": True,  # TF32 matmuls for whatever still runs in fp32 on Ampere/Hopper GPUs
     },
     "eval": {
         "recall_ks": [1, 10, 100, 1000],
+        "map_ks": [1000],  # mAP@k: precision averaged over the hits in the top k, divided by min(k, R)
         "backend": "auto",  # auto | faiss | torch
         "batch_size": 128,  # images per forward pass when embedding
+        "memory_gb": 1.0,  # working memory of the exact kNN search (its block size follows from this)
     },
     "output": {
         "dir": "models_ckpt/sop_swinv2",
@@ -77,6 +84,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.loss": ("triplet", "contrastive"),
     "train.miner": ("random", "semihard", "batchhard", "all"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "model.attention": ("eager", "sdpa"),
     "eval.backend": ("auto", "faiss", "torch"),
     "wandb.mode": ("disabled", "offline", "online"),
 }
@@ -190,7 +198,9 @@ def _validate(values: dict) -> None:
         ("data.demo_classes", values["data"]["demo_classes"] >= 4, "must be at least 4"),
         ("data.demo_images_per_class", values["data"]["demo_images_per_class"] >= 2, "must be at least 2"),
         ("eval.batch_size", values["eval"]["batch_size"] >= 1, "must be at least 1"),
+        ("eval.memory_gb", values["eval"]["memory_gb"] > 0, "must be positive"),
         ("eval.recall_ks", len(values["eval"]["recall_ks"]) > 0 and min(values["eval"]["recall_ks"]) >= 1, "must be a non-empty list of k >= 1"),
+        ("eval.map_ks", all(k >= 1 for k in values["eval"]["map_ks"]), "must be a list of k >= 1"),
     ]
     for key, ok, requirement in checks:
         if not ok:

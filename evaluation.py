@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from metrics import relevant_counts, retrieval_metrics
+from metrics import map_at_k, mean_by_group, neighbour_hits, recall_at_k, relevant_counts, retrieval_metrics
 from retrieval import nearest_neighbours
 
 log = logging.getLogger("evaluation")
@@ -52,42 +53,64 @@ def extract_embeddings(model: nn.Module, loader, device: torch.device, precision
 
 
 def evaluate_embeddings(embeddings: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
-                        recall_ks: list[int], backend: str = "auto", device: str = "cpu") -> dict:
+                        recall_ks: list[int], backend: str = "auto", device: str = "cpu", memory_gb: float = 1.0,
+                        map_ks: Sequence[int] = (), super_labels: torch.Tensor | np.ndarray | None = None) -> dict:
     """Exact kNN over all items (each query against every other item) and the retrieval metrics.
 
-    k = max(largest recall k, largest class size - 1), capped at N - 1. When the cap applies, every
-    other item is retrieved, so Recall@k for any k >= N - 1 equals Recall@(N - 1) exactly; the report
-    still names it by the requested k.
+    k = max(largest recall or mAP k, largest class size - 1), capped at N - 1. When the cap applies, every
+    other item is retrieved, so Recall@k and mAP@k for any k >= N - 1 equal those at N - 1 exactly (mAP@k
+    divides by min(k, R) = R either way); the report still names them by the requested k.
+
+    Args:
+        embeddings: (N, D) float, L2-normalised. labels: (N,) int class of each item.
+        recall_ks: the k of Recall@k. map_ks: the k of mAP@k (`metrics.map_at_k`), none by default.
+        backend, device: of `retrieval.nearest_neighbours`.
+        memory_gb: the search's working-memory budget in GB (see `retrieval.nearest_neighbours`); the
+            (N, k) neighbour matrix (12 bytes per entry) comes on top.
+        super_labels: (N,) int super class of each item (SOP's super_class_id), or None.
 
     Returns:
-        A report dict: `recall@k` for each k, `map@r`, `r_precision`, `mrr` (fractions in [0, 1]),
-        `num_queries` (queries with at least one other item of their class), `num_queries_without_relevant`,
-        `num_items`, `embedding_dim`, `knn_k`, and `seconds_search` / `seconds_metrics`.
+        A report dict: `recall@k` for each k, `map@k` for each of `map_ks`, `map@r`, `r_precision`, `mrr`
+        (fractions in [0, 1]); with `super_labels`, `recall@1_by_super_class`: {str(super class): Recall@1
+        over that super class's queries} (a super class whose items are all alone in their classes has no
+        query and no entry); then `num_queries` (queries with at least one other item of their class),
+        `num_queries_without_relevant`, `num_items`, `embedding_dim`, `knn_k`, and `seconds_search` /
+        `seconds_metrics`.
     """
     embeddings = torch.as_tensor(embeddings, dtype=torch.float32)
     labels = torch.as_tensor(labels, dtype=torch.long)
     if embeddings.ndim != 2 or labels.ndim != 1 or len(embeddings) != len(labels):
         raise ValueError(f"embeddings must be (N, D) and labels (N,); got {tuple(embeddings.shape)} and {tuple(labels.shape)}")
+    if super_labels is not None:
+        super_labels = torch.as_tensor(super_labels, dtype=torch.long)
+        if super_labels.shape != labels.shape:
+            raise ValueError(f"super_labels must be (N,) like labels; got {tuple(super_labels.shape)}")
     if len(labels) < 2:
         raise ValueError("evaluation needs at least 2 items")
+    if min([*recall_ks, *map_ks]) < 1:
+        raise ValueError(f"recall and mAP ks must be >= 1; got {list(recall_ks)} and {list(map_ks)}")
     if not torch.isfinite(embeddings).all():
         raise ValueError("embeddings contain NaN or infinite values")
     num_items = len(labels)
     largest_relevant = int(relevant_counts(labels).max())
-    k = min(max(max(recall_ks), largest_relevant), num_items - 1)
+    k = min(max(*recall_ks, *map_ks, largest_relevant), num_items - 1)
 
     started = time.perf_counter()
-    _, neighbour_indices = nearest_neighbours(embeddings, k, backend=backend, device=device)
+    # Only the indices are used: dropping the scores at once frees (N, k) float32 before the metrics.
+    neighbour_indices = nearest_neighbours(embeddings, k, backend=backend, device=device, memory_gb=memory_gb)[1]
     seconds_search = time.perf_counter() - started
 
     started = time.perf_counter()
     # A requested k beyond N - 1 is answered by the whole gallery (see docstring).
     effective_ks = sorted({min(requested, k) for requested in recall_ks})
     computed = retrieval_metrics(neighbour_indices, labels, recall_ks=tuple(effective_ks))
+    report = {f"recall@{requested}": computed[f"recall@{min(requested, k)}"] for requested in recall_ks}
+    report.update(_map_at_ks(neighbour_indices, labels, [min(requested, k) for requested in map_ks], map_ks))
+    report.update({key: computed[key] for key in METRIC_KEYS_AFTER_RECALL})
+    if super_labels is not None:
+        report["recall@1_by_super_class"] = _recall_at_1_by_group(neighbour_indices, labels, super_labels)
     seconds_metrics = time.perf_counter() - started
 
-    report = {f"recall@{requested}": computed[f"recall@{min(requested, k)}"] for requested in recall_ks}
-    report.update({key: computed[key] for key in METRIC_KEYS_AFTER_RECALL})
     report.update(
         num_queries=computed["num_queries"],
         num_queries_without_relevant=computed["num_queries_without_relevant"],
@@ -100,8 +123,32 @@ def evaluate_embeddings(embeddings: torch.Tensor | np.ndarray, labels: torch.Ten
     return report
 
 
+def _map_at_ks(neighbour_indices: torch.Tensor, labels: torch.Tensor, effective_ks: list[int],
+               requested_ks: Sequence[int]) -> dict[str, float]:
+    """{"map@k": mAP@k averaged over the queries with R >= 1} for each requested k (computed at its effective k)."""
+    if not requested_ks:
+        return {}
+    num_relevant = relevant_counts(labels)
+    evaluated = num_relevant >= 1
+    hits = neighbour_hits(neighbour_indices[:, :max(effective_ks)], labels)[evaluated]  # (Q, max k)
+    return {f"map@{requested}": map_at_k(hits, num_relevant[evaluated], effective).mean().item()
+            for requested, effective in zip(requested_ks, effective_ks)}
+
+
+def _recall_at_1_by_group(neighbour_indices: torch.Tensor, labels: torch.Tensor,
+                          groups: torch.Tensor) -> dict[str, float]:
+    """{str(group): Recall@1 over the group's queries with R >= 1}, by one bincount (`metrics.mean_by_group`)."""
+    evaluated = relevant_counts(labels) >= 1
+    hits = neighbour_hits(neighbour_indices[:, :1], labels)[evaluated]  # (Q, 1)
+    by_group = mean_by_group(recall_at_k(hits, 1), groups[evaluated])
+    return {str(group): value for group, value in by_group.items()}
+
+
 def metric_names(report: dict) -> list[str]:
-    return [key for key in report if key.startswith("recall@")] + [k for k in METRIC_KEYS_AFTER_RECALL if k in report]
+    """The scalar metrics of a report in table order: recall@k, map@k, then map@r, r_precision, mrr."""
+    at_k = [key for key, value in report.items() if key.startswith(("recall@", "map@")) and isinstance(value, float)
+            and key not in METRIC_KEYS_AFTER_RECALL]
+    return at_k + [key for key in METRIC_KEYS_AFTER_RECALL if key in report]
 
 
 def markdown_table(rows: dict[str, dict]) -> str:

@@ -1,9 +1,10 @@
 """Command line: the only module that wires config -> data -> model -> objective -> trainer -> evaluation.
 
     python main.py --mode train [--config FILE] [--resume] [key=value ...]
-    python main.py --mode eval  [--config FILE] [--checkpoint PATH|none] [--output FILE] [key=value ...]
+    python main.py --mode eval  [--config FILE] [--checkpoint PATH|none] [--output FILE] [--visualize N] [key=value ...]
     python main.py --mode eval  --embeddings E.npy --labels L.npy [--output report.json]
     python main.py --mode demo  [key=value ...]        (configs/demo.yaml: train, then eval untrained vs trained)
+    python main.py --mode cache [--config FILE] [key=value ...]   (build data.cache_dir, a downsized copy)
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 EXIT_USAGE = 2
+GRID_NEIGHBOURS = 8  # results per query in the --visualize grid
+DEMO_PICTURE_QUERIES = 8
 
 
 class UsageError(Exception):
@@ -31,7 +34,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         description="Fine-tune and evaluate a Swinv2 image-retrieval model (deep metric learning).",
         epilog="Trailing section.key=value pairs override the config, e.g. train.epochs=3 data.root=/data/sop",
     )
-    parser.add_argument("--mode", required=True, choices=("train", "eval", "demo"))
+    parser.add_argument("--mode", required=True, choices=("train", "eval", "demo", "cache"))
     parser.add_argument("--config", type=Path, default=None,
                         help="YAML config (default: built-in SOP defaults; demo mode: configs/demo.yaml)")
     parser.add_argument("--checkpoint", default=None,
@@ -39,6 +42,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--embeddings", type=Path, help="eval: precomputed (N, D) float .npy; no model, no images")
     parser.add_argument("--labels", type=Path, help="eval: (N,) integer .npy labels for --embeddings")
     parser.add_argument("--output", type=Path, help="eval: where to write the report JSON (default: output.dir/report.json)")
+    parser.add_argument("--visualize", type=int, default=0, metavar="N",
+                        help="eval: also draw N test queries (picked by train.seed) with their top results")
     parser.add_argument("--resume", action="store_true", help="train: continue from last.pt in output.dir")
     parser.add_argument("--overwrite", action="store_true", help="train: start afresh even if output.dir holds a run")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -47,8 +52,11 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
 
 
 # ---- data ------------------------------------------------------------------------------------------
-def resolve_image_lists(config, need_train: bool, need_test: bool):
-    """(train, validation, test) ImageLists from the configured format; None where not needed."""
+def resolve_image_lists(config, need_train: bool, need_test: bool, ignore_cache: bool = False):
+    """(train, validation, test) ImageLists from the configured format; None where not needed.
+
+    With data.cache_dir set, the lists point into the verified cache instead of data.root.
+    """
     from dataloaders import read_folder_tree, read_sop_list, split_classes
     from dataloaders.demo_data import ensure_demo_dataset
 
@@ -74,6 +82,13 @@ def resolve_image_lists(config, need_train: bool, need_test: bool):
             test = read_folder_tree(Path(data.test_root))
         else:
             test = read_sop_list(root / data.test_list, root)
+    if data.cache_dir and not ignore_cache:
+        from dataloaders.cache import use_cache
+        from dataloaders.transforms import eval_resize_size
+
+        train, validation, test = (None if image_list is None else use_cache(image_list, Path(data.cache_dir),
+                                                                            eval_resize_size(data.image_size))
+                                   for image_list in (train, validation, test))
     return train, validation, test
 
 
@@ -81,19 +96,20 @@ def worker_count(configured: int) -> int:
     return len(os.sched_getaffinity(0)) if configured == -1 else configured
 
 
-def evaluation_loader(image_list, config, mean, std, device):
+def evaluation_loader(image_list, config, device):
     import torch
-    from dataloaders import ImageDataset, build_transforms
+    from dataloaders import ImageDataset, build_transforms, decode_size
 
     workers = worker_count(config.data.num_workers)
-    dataset = ImageDataset(image_list, build_transforms(config.data.image_size, mean, std, train=False))
+    size = config.data.image_size
+    dataset = ImageDataset(image_list, build_transforms(size, train=False), decode_size(size, train=False))
     return torch.utils.data.DataLoader(dataset, batch_size=config.eval.batch_size, shuffle=False, num_workers=workers,
                                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 
 
-def training_loader(image_list, config, mean, std, device):
+def training_loader(image_list, config, device):
     import torch
-    from dataloaders import ImageDataset, PKBatchSampler, RandomTripletBatchSampler, build_transforms
+    from dataloaders import ImageDataset, PKBatchSampler, RandomTripletBatchSampler, build_transforms, decode_size
 
     data = config.data
     try:
@@ -105,10 +121,11 @@ def training_loader(image_list, config, mean, std, device):
     except ValueError as error:  # e.g. P larger than the number of usable classes
         raise UsageError(f"training split of {len(image_list)} images: {error}") from None
     workers = worker_count(data.num_workers)
-    dataset = ImageDataset(image_list, build_transforms(data.image_size, mean, std, train=True, min_crop_scale=data.min_crop_scale))
+    dataset = ImageDataset(image_list, build_transforms(data.image_size, train=True, min_crop_scale=data.min_crop_scale),
+                           decode_size(data.image_size, train=True, min_crop_scale=data.min_crop_scale))
     return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
                                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                       generator=torch.Generator())
+                                       prefetch_factor=4 if workers > 0 else None, generator=torch.Generator())
 
 
 # ---- shared set-up -----------------------------------------------------------------------------------
@@ -120,6 +137,15 @@ def select_device(name: str):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"train.device={name} but no CUDA device is available")
     return torch.device(name)
+
+
+def configure_matmul_precision(device, allow_tf32: bool) -> None:
+    """TF32 tensor cores for fp32 matmuls and convolutions on CUDA (Ampere and later)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32
 
 
 def seed_everything(seed: int) -> None:
@@ -145,7 +171,7 @@ def run_train(config, resume: bool, overwrite: bool) -> dict:
 
     from config import save_config
     from evaluation import evaluate_embeddings, extract_embeddings
-    from model import backbone_normalisation, build_embedder
+    from model import apply_speed_options, build_embedder
     from objective import MetricLearningObjective
     from tracking import Tracker
     from trainer import Trainer, build_optimizer, warmup_cosine_schedule
@@ -163,21 +189,23 @@ def run_train(config, resume: bool, overwrite: bool) -> dict:
 
     train_list, val_list, _ = resolve_image_lists(config, need_train=True, need_test=False)
     device = select_device(config.train.device)
+    configure_matmul_precision(device, config.train.tf32)
     seed_everything(config.train.seed)
     model = build_embedder(config.model.backbone, config.data.image_size, config.model.embedding_dim).to(device)
-    mean, std = backbone_normalisation(config.model.backbone)
-    train_loader = training_loader(train_list, config, mean, std, device)
+    apply_speed_options(model, config.model.attention, config.train.grad_checkpointing, config.train.compile)
+    train_loader = training_loader(train_list, config, device)
     print(f"train: {len(train_list)} images / {train_list.num_classes} classes; "
           f"validation: {len(val_list)} images / {val_list.num_classes} classes; "
           f"{len(train_loader)} batches per epoch; device {device}")
 
     validate = None
     if len(val_list) >= 2:
-        val_loader = evaluation_loader(val_list, config, mean, std, device)
+        val_loader = evaluation_loader(val_list, config, device)
 
         def validate(trained_model):
             embeddings, labels = extract_embeddings(trained_model, val_loader, device, config.train.precision, "validate")
-            return evaluate_embeddings(embeddings, labels, config.eval.recall_ks, config.eval.backend)
+            return evaluate_embeddings(embeddings, labels, config.eval.recall_ks, config.eval.backend, str(device),
+                                       config.eval.memory_gb)
     else:
         print("no validation classes (data.val_fraction=0): best.pt will be the last epoch")
 
@@ -195,7 +223,7 @@ def run_train(config, resume: bool, overwrite: bool) -> dict:
         "config": config.to_dict(),
         "backbone_config_json": model.backbone.config.to_json_string(),
         "embedding_dim": config.model.embedding_dim,
-        "normalisation": {"mean": list(mean), "std": list(std)},
+        "normalisation": {"mean": model.input_mean, "std": model.input_std},
     }
     trainer = Trainer(model, objective, optimizer, scheduler, train_loader, validate, device, config.train.precision,
                       config.train.grad_clip, config.train.epochs, config.train.patience, run_dir, tracker,
@@ -206,38 +234,67 @@ def run_train(config, resume: bool, overwrite: bool) -> dict:
         summary = trainer.fit()
     finally:
         tracker.finish()
+    if trainer.is_main:
+        from visualize import plot_validation_curve
+
+        curve = plot_validation_curve(trainer.history, run_dir / "validation_curve.png")
+        if curve is not None:
+            print(f"picture written to {curve}")
     print(f"done: best validation recall@1 {100 * summary['best_val_recall@1']:.2f}%; checkpoints in {run_dir}")
     return summary
 
 
 def load_model_for_eval(config, checkpoint_arg, device):
-    """(model, mean, std, description). `none` = the backbone as loaded (pretrained or random init)."""
-    import torch
-
-    from model import backbone_normalisation, build_embedder, embedder_from_backbone_config
+    """(model, description). `none` = the backbone as loaded (pretrained or random init)."""
+    from model import apply_speed_options, build_embedder, embedder_from_backbone_config
     from trainer import load_checkpoint
 
     if checkpoint_arg == "none":
         seed_everything(config.train.seed)  # `tiny` then starts from the same random weights as training did
         model = build_embedder(config.model.backbone, config.data.image_size, config.model.embedding_dim)
-        mean, std = backbone_normalisation(config.model.backbone)
-        return model.to(device), mean, std, f"{config.model.backbone} (not fine-tuned)"
-    path = Path(checkpoint_arg) if checkpoint_arg else Path(config.output.dir) / "best.pt"
-    if not path.is_file():
-        raise UsageError(f"checkpoint '{path}' does not exist (train first, or pass --checkpoint PATH or none)")
-    checkpoint = load_checkpoint(path)
-    backbone_config = json.loads(checkpoint["backbone_config_json"])
-    model = embedder_from_backbone_config(backbone_config, checkpoint["embedding_dim"])
-    model.load_state_dict(checkpoint["model"])  # strict: every tensor must match
-    normalisation = checkpoint["normalisation"]
-    return model.to(device), tuple(normalisation["mean"]), tuple(normalisation["std"]), f"{path} (epoch {checkpoint['epoch']})"
+        description = f"{config.model.backbone} (not fine-tuned)"
+    else:
+        path = Path(checkpoint_arg) if checkpoint_arg else Path(config.output.dir) / "best.pt"
+        if not path.is_file():
+            raise UsageError(f"checkpoint '{path}' does not exist (train first, or pass --checkpoint PATH or none)")
+        checkpoint = load_checkpoint(path)
+        normalisation = checkpoint["normalisation"]
+        model = embedder_from_backbone_config(json.loads(checkpoint["backbone_config_json"]),
+                                              checkpoint["embedding_dim"], normalisation["mean"], normalisation["std"])
+        model.load_state_dict(checkpoint["model"])  # strict: every tensor must match
+        description = f"{path} (epoch {checkpoint['epoch']})"
+    apply_speed_options(model, config.model.attention, compile_backbone=config.train.compile)
+    return model.to(device), description
 
 
-def run_eval_embeddings(config, embeddings_path: Path, labels_path: Path, output: Path | None) -> dict:
+def save_pictures(run_dir: Path, prefix: str, title: str, report: dict, embeddings, labels, image_paths,
+                  num_queries: int, seed: int) -> list[Path]:
+    """The Recall@k curve and, when num_queries > 0, a grid of that many queries with their top results.
+
+    (Training draws the validation curve: it has the whole history.)
+    """
+    from retrieval import query_neighbours
+    from visualize import choose_queries, plot_recall_curve, retrieval_grid
+
+    pictures = [plot_recall_curve(report, run_dir / f"{prefix}recall_at_k.png", title)]
+    if num_queries > 0:
+        queries = choose_queries(len(labels), num_queries, seed)
+        scores, neighbours = query_neighbours(embeddings, queries, GRID_NEIGHBOURS)
+        pictures.append(retrieval_grid(queries, neighbours.numpy(), scores.numpy(), labels.numpy(), image_paths,
+                                       run_dir / f"{prefix}retrieval_examples.png"))
+    for picture in pictures:
+        print(f"picture written to {picture}")
+    return pictures
+
+
+def run_eval_embeddings(config, embeddings_path: Path, labels_path: Path, output: Path | None,
+                        visualize: int = 0) -> dict:
     import numpy as np
 
     from evaluation import evaluate_embeddings, write_report
 
+    if visualize:
+        raise UsageError("--visualize draws the test images: it needs a model evaluation, not --embeddings")
     for path in (embeddings_path, labels_path):
         if not path.is_file():
             raise UsageError(f"'{path}' does not exist")
@@ -251,7 +308,9 @@ def run_eval_embeddings(config, embeddings_path: Path, labels_path: Path, output
     # Inner product ranks like cosine only for unit vectors: normalise whatever was given.
     norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
     embeddings = (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)
-    report = evaluate_embeddings(embeddings, labels.astype(np.int64), config.eval.recall_ks, config.eval.backend)
+    device = select_device(config.train.device)
+    report = evaluate_embeddings(embeddings, labels.astype(np.int64), config.eval.recall_ks, config.eval.backend,
+                                 str(device), config.eval.memory_gb, config.eval.map_ks)
     report["source"] = str(embeddings_path)
     output = output or Path(config.output.dir) / "report.json"
     write_report(report, output)
@@ -260,7 +319,7 @@ def run_eval_embeddings(config, embeddings_path: Path, labels_path: Path, output
     return report
 
 
-def run_eval(config, checkpoint_arg, output: Path | None) -> dict:
+def run_eval(config, checkpoint_arg, output: Path | None, visualize: int = 0) -> dict:
     import numpy as np
 
     from evaluation import evaluate_embeddings, extract_embeddings, write_report
@@ -268,37 +327,68 @@ def run_eval(config, checkpoint_arg, output: Path | None) -> dict:
 
     device = select_device(config.train.device)
     _, _, test_list = resolve_image_lists(config, need_train=False, need_test=True)
-    model, mean, std, description = load_model_for_eval(config, checkpoint_arg, device)
-    loader = evaluation_loader(test_list, config, mean, std, device)
+    configure_matmul_precision(device, config.train.tf32)
+    model, description = load_model_for_eval(config, checkpoint_arg, device)
+    loader = evaluation_loader(test_list, config, device)
     started = time.perf_counter()
     embeddings, labels = extract_embeddings(model, loader, device, config.train.precision, "embed test set")
     seconds_embed = time.perf_counter() - started
-    report = evaluate_embeddings(embeddings, labels, config.eval.recall_ks, config.eval.backend)
+    super_labels = test_list.super_labels if config.data.format != "folder" else None
+    report = evaluate_embeddings(embeddings, labels, config.eval.recall_ks, config.eval.backend, str(device),
+                                 config.eval.memory_gb, config.eval.map_ks, super_labels)
     report.update(seconds_embed=round(seconds_embed, 3), model=description, split="test")
 
     run_dir = Path(config.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     prefix = "untrained_" if checkpoint_arg == "none" else ""
+    # Row i of the embeddings is image i of this list: kept together so the index can be served later.
     np.save(run_dir / f"{prefix}test_embeddings.npy", embeddings.numpy())
     np.save(run_dir / f"{prefix}test_labels.npy", labels.numpy())
+    (run_dir / f"{prefix}test_paths.txt").write_text("".join(f"{path}\n" for path in test_list.paths))
     output = output or run_dir / f"{prefix}report.json"
     write_report(report, output)
-    tracker = Tracker(run_dir, config.wandb.mode, config.wandb.project, config.wandb.entity, config.wandb.run_name,
-                      config.to_dict(), job_type="eval")
-    tracker.log({f"test/{k}": v for k, v in report.items() if isinstance(v, (int, float))}, step=0)
-    tracker.summary({f"test/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
-    tracker.finish()
     print_report(f"test: {description}", report)
     print(f"report written to {output}")
+    pictures = save_pictures(run_dir, prefix, f"test: {description}", report, embeddings, labels,
+                             [test_list.root / path for path in test_list.paths], visualize, config.train.seed)
+    tracker = Tracker(run_dir, config.wandb.mode, config.wandb.project, config.wandb.entity, config.wandb.run_name,
+                      config.to_dict(), job_type="eval")
+    scalars = {f"test/{k}": v for k, v in report.items() if isinstance(v, (int, float))}
+    tracker.log(scalars, step=0)
+    tracker.summary(scalars)
+    for picture in pictures:
+        tracker.log_image(f"test/{picture.stem}", picture, step=0)
+    tracker.finish()
     return report
+
+
+def run_cache(config) -> dict:
+    """Build data.cache_dir: every train and test image once, short side = the evaluation resize."""
+    from dataloaders.cache import build_cache
+    from dataloaders.transforms import eval_resize_size
+
+    if not config.data.cache_dir:
+        raise UsageError("set data.cache_dir=FOLDER to say where the cache goes")
+    need_test = config.data.format != "folder" or bool(config.data.test_root)
+    lists = [l for l in resolve_image_lists(config, need_train=True, need_test=need_test, ignore_cache=True) if l is not None]
+    short_side = eval_resize_size(config.data.image_size)
+    started = time.perf_counter()
+    summary = build_cache(lists, Path(config.data.cache_dir), short_side, workers=worker_count(config.data.num_workers))
+    print(f"cache {config.data.cache_dir}: {summary['written']} images written, {summary['reused']} reused, "
+          f"{len(summary['failed'])} failed, short side {short_side} px, {time.perf_counter() - started:.1f} s")
+    if summary["failed"]:
+        for message in summary["failed"][:20]:
+            print(f"  {message}", file=sys.stderr)
+        raise UsageError(f"{len(summary['failed'])} images could not be cached (listed above); the cache is not marked complete")
+    return summary
 
 
 def run_demo(config) -> dict:
     from evaluation import markdown_table, write_report
 
     run_train(config, resume=False, overwrite=True)
-    untrained = run_eval(config, "none", None)
-    trained = run_eval(config, None, None)
+    untrained = run_eval(config, "none", None, visualize=DEMO_PICTURE_QUERIES)
+    trained = run_eval(config, None, None, visualize=DEMO_PICTURE_QUERIES)
     table = markdown_table({"untrained (random init)": untrained, "trained (best.pt)": trained})
     summary = {"untrained": untrained, "trained": trained,
                "recall@1_gain_points": round(100 * (trained["recall@1"] - untrained["recall@1"]), 2)}
@@ -321,12 +411,14 @@ def main(argv: list[str] | None = None) -> int:
             run_train(config, arguments.resume, arguments.overwrite)
         elif arguments.mode == "demo":
             run_demo(config)
+        elif arguments.mode == "cache":
+            run_cache(config)
         elif arguments.embeddings or arguments.labels:
             if not (arguments.embeddings and arguments.labels):
                 raise UsageError("--embeddings and --labels go together")
-            run_eval_embeddings(config, arguments.embeddings, arguments.labels, arguments.output)
+            run_eval_embeddings(config, arguments.embeddings, arguments.labels, arguments.output, arguments.visualize)
         else:
-            run_eval(config, arguments.checkpoint, arguments.output)
+            run_eval(config, arguments.checkpoint, arguments.output, arguments.visualize)
     except (ConfigError, UsageError) as error:
         if arguments.debug:
             raise
@@ -334,10 +426,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except Exception as error:  # known data/model errors carry one-line messages
         from dataloaders import DataFormatError
+        from dataloaders.cache import CacheError
         from model import BackboneLoadError
         from trainer import NonFiniteLossError
 
-        if arguments.debug or not isinstance(error, (DataFormatError, BackboneLoadError, NonFiniteLossError)):
+        if arguments.debug or not isinstance(error, (DataFormatError, BackboneLoadError, NonFiniteLossError, CacheError)):
             raise
         print(f"error: {error}", file=sys.stderr)
         return 1

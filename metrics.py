@@ -167,6 +167,28 @@ def map_at_k(hits: torch.Tensor, num_relevant: torch.Tensor, k: int) -> torch.Te
     return (precision * hits).sum(dim=1) / num_relevant.clamp(max=k).float()
 
 
+def mean_by_group(per_query: torch.Tensor, groups: torch.Tensor) -> dict[int, float]:
+    """The mean of a per-query metric within each group of queries (e.g. SOP's super classes), by bincount.
+
+    Args:
+        per_query: [Q] float, one metric value per query (e.g. `recall_at_k(hits, 1)`).
+        groups: [Q] int, the group of each query; any values.
+
+    Returns:
+        {group: mean over that group's queries}, groups ascending. A group with no query does not appear.
+
+    Example:
+        >>> mean_by_group(torch.tensor([1.0, 0.0, 1.0]), torch.tensor([7, 7, 2]))
+        {2: 1.0, 7: 0.5}
+    """
+    if per_query.shape != groups.shape or per_query.ndim != 1:
+        raise ValueError(f"per_query and groups must both be [Q], got {tuple(per_query.shape)} and {tuple(groups.shape)}")
+    group_ids, group_of_query = torch.unique(groups, return_inverse=True)
+    sums = torch.bincount(group_of_query, weights=per_query.double(), minlength=len(group_ids))
+    counts = torch.bincount(group_of_query, minlength=len(group_ids))
+    return dict(zip(group_ids.tolist(), (sums / counts).tolist()))
+
+
 def retrieval_metrics(
     neighbour_indices: torch.Tensor,
     labels: torch.Tensor,

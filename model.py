@@ -93,36 +93,68 @@ class Embedder(nn.Module):
     """Images -> L2-normalised embeddings.
 
     pixel_values (B, 3, H, W) -> Swinv2 pooled output (B, hidden) -> Linear (B, embedding_dim), when
-    embedding_dim > 0 -> L2 normalisation. Output is float32 unit vectors whatever the autocast dtype,
-    so distances and losses downstream are computed at full precision.
+    embedding_dim > 0 -> L2 normalisation. uint8 input (what the data loaders produce) is converted
+    and normalised here, on the device, with the backbone's mean and std; float input is taken as
+    already normalised. Output is float32 unit vectors whatever the autocast dtype, so distances and
+    losses downstream are computed at full precision.
     """
 
-    def __init__(self, backbone: Swinv2Model, embedding_dim: int):
+    def __init__(self, backbone: Swinv2Model, embedding_dim: int, mean: tuple[float, ...] = IMAGENET_MEAN,
+                 std: tuple[float, ...] = IMAGENET_STD):
         super().__init__()
         self.backbone = backbone
         hidden = backbone.config.hidden_size
         self.projection = nn.Linear(hidden, embedding_dim) if embedding_dim > 0 else nn.Identity()
         self.embedding_dim = embedding_dim if embedding_dim > 0 else hidden
+        self.input_mean, self.input_std = list(mean), list(std)
+        # (x / 255 - mean) / std = x * scale + shift; not persistent: checkpoints store mean/std as numbers.
+        std_tensor = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("input_scale", 1.0 / (255.0 * std_tensor), persistent=False)
+        self.register_buffer("input_shift", -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_tensor,
+                             persistent=False)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = pixel_values.float() * self.input_scale + self.input_shift
         pooled = self.backbone(pixel_values=pixel_values).pooler_output  # (B, hidden)
         return F.normalize(self.projection(pooled).float(), dim=-1)
 
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.projection.parameters())
 
-    def backbone_parameters(self) -> list[nn.Parameter]:
-        return list(self.backbone.parameters())
-
 
 def build_embedder(backbone_name: str, image_size: int, embedding_dim: int) -> Embedder:
     """The model for training or for `--checkpoint none` evaluation (weights as loaded)."""
-    return Embedder(load_backbone(backbone_name, image_size), embedding_dim)
+    mean, std = backbone_normalisation(backbone_name)
+    return Embedder(load_backbone(backbone_name, image_size), embedding_dim, mean, std)
 
 
-def embedder_from_backbone_config(backbone_config: dict, embedding_dim: int) -> Embedder:
+def embedder_from_backbone_config(backbone_config: dict, embedding_dim: int, mean=IMAGENET_MEAN,
+                                  std=IMAGENET_STD) -> Embedder:
     """The architecture stored in a checkpoint, with random weights, ready for `load_state_dict`.
 
     No download: the checkpoint carries the backbone's config, and its weights replace these.
     """
-    return Embedder(Swinv2Model(Swinv2Config.from_dict(backbone_config)), embedding_dim)
+    return Embedder(Swinv2Model(Swinv2Config.from_dict(backbone_config)), embedding_dim, mean, std)
+
+
+def apply_speed_options(model: Embedder, attention: str = "eager", grad_checkpointing: bool = False,
+                        compile_backbone: bool = False) -> Embedder:
+    """Switches that change speed and memory, never the weights or the state_dict keys.
+
+    attention `sdpa`: transformers' eager Swinv2 attention replaced by a numerically equivalent
+    scaled_dot_product_attention module (swinv2_attention.py). grad_checkpointing: recompute block
+    activations in the backward pass. compile_backbone: torch.compile, in place (Module.compile keeps
+    the parameter names, so checkpoints stay interchangeable).
+    """
+    if attention == "sdpa":
+        from swinv2_attention import use_sdpa_attention
+
+        use_sdpa_attention(model.backbone)
+    if grad_checkpointing:
+        # transformers >= 5.2x renamed it; older 5.x only has the first name
+        enable = getattr(model.backbone, "activation_checkpointing_enable", None) or model.backbone.gradient_checkpointing_enable
+        enable()
+    if compile_backbone:
+        model.backbone.compile()
+    return model

@@ -5,7 +5,7 @@ from .datasets import ImageDataset
 from .image_lists import DataFormatError, ImageList, read_folder_tree, read_sop_list, write_sop_list
 from .samplers import PKBatchSampler, RandomTripletBatchSampler
 from .splits import split_classes
-from .transforms import build_transforms
+from .transforms import build_transforms, decode_size
 
 __all__ = [
     "DataFormatError",
@@ -14,6 +14,7 @@ __all__ = [
     "PKBatchSampler",
     "RandomTripletBatchSampler",
     "build_transforms",
+    "decode_size",
     "read_folder_tree",
     "read_sop_list",
     "split_classes",

@@ -132,7 +132,7 @@ def test_existing_run_is_not_overwritten_silently(tmp_path, capsys):
 def test_eval_of_checkpoint_and_of_untrained_model_write_reports(tmp_path):
     overrides = demo_overrides(tmp_path, **{"train.epochs": 1})
     assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml", *overrides) == 0
-    assert run_cli("--mode", "eval", "--config", REPO_ROOT / "configs/demo.yaml", *overrides) == 0
+    assert run_cli("--mode", "eval", "--config", REPO_ROOT / "configs/demo.yaml", "--visualize", "3", *overrides) == 0
     assert run_cli("--mode", "eval", "--config", REPO_ROOT / "configs/demo.yaml", "--checkpoint", "none", *overrides) == 0
     trained = json.loads((tmp_path / "run" / "report.json").read_text())
     untrained = json.loads((tmp_path / "run" / "untrained_report.json").read_text())
@@ -141,6 +141,16 @@ def test_eval_of_checkpoint_and_of_untrained_model_write_reports(tmp_path):
         assert all(0.0 <= report[key] <= 1.0 for key in REPORT_KEYS - {"num_queries"})
         assert report["num_queries"] == 16  # 4 test classes x 4 images
     assert np.load(tmp_path / "run" / "test_embeddings.npy").shape == (16, 64)
+    paths = (tmp_path / "run" / "test_paths.txt").read_text().splitlines()
+    assert len(paths) == 16 and all((tmp_path / "demo_data" / path).is_file() for path in paths)
+    assert set(trained["recall@1_by_super_class"]) <= {str(s) for s in range(1, 9)}  # demo super class = shape
+    from PIL import Image
+
+    with Image.open(tmp_path / "run" / "retrieval_examples.png") as grid:
+        assert grid.height > grid.width / 9 * 2.5  # three query rows of 1 + 8 tiles
+    for name in ("recall_at_k.png", "validation_curve.png", "untrained_recall_at_k.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert not (tmp_path / "run" / "untrained_retrieval_examples.png").exists()  # no --visualize there
 
 
 def test_bad_override_is_a_one_line_error_before_any_work(tmp_path):

@@ -15,6 +15,7 @@ from dataloaders import (
     PKBatchSampler,
     RandomTripletBatchSampler,
     build_transforms,
+    decode_size,
     read_folder_tree,
     read_sop_list,
     split_classes,
@@ -23,7 +24,6 @@ from dataloaders import (
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SOP_SAMPLE = SHARED_DATA / "sop_format_sample"
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 # ----------------------------------------------------------------------------- SOP lists
@@ -362,19 +362,35 @@ def test_random_triplet_batches_are_valid_and_cover_anchors():
 def test_image_dataset_with_train_and_eval_transforms(tmp_path):
     images = read_folder_tree(_make_tree(tmp_path / "tree", {"a": 3, "b": 2, "c": 2}, size=(40, 24)))
     for train in (True, False):
-        dataset = ImageDataset(images, build_transforms(32, MEAN, STD, train=train))
+        dataset = ImageDataset(images, build_transforms(32, train=train))
         image, label, index = dataset[4]
-        assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+        assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
         assert label == 1 and index == 4
 
 
-def test_eval_transform_is_deterministic_and_normalised(tmp_path):
+def test_eval_transform_is_deterministic_and_keeps_uint8_pixels(tmp_path):
     image = Image.new("RGB", (50, 30), (255, 0, 0))
-    transform = build_transforms(16, MEAN, STD, train=False)
+    transform = build_transforms(16, train=False)
     out = transform(image)
     assert torch.equal(out, transform(image))
-    expected = torch.tensor([(1 - MEAN[0]) / STD[0], -MEAN[1] / STD[1], -MEAN[2] / STD[2]])
-    assert torch.allclose(out[:, 8, 8], expected, atol=1e-5)
+    assert out[:, 8, 8].tolist() == [255, 0, 0]  # normalisation happens on the device, in the model
+
+
+def test_decode_size_keeps_enough_pixels():
+    assert decode_size(256, train=False) == 292
+    # the smallest training crop (16% of the area = 40% of the side) must still reach 256 px
+    assert decode_size(256, train=True, min_crop_scale=0.16) == 640
+
+
+def test_reduced_jpeg_decoding_keeps_the_requested_short_side(tmp_path):
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (800, 600), (10, 20, 30)).save(tmp_path / "a" / "0.jpg", quality=90)
+    Image.new("RGB", (800, 600), (10, 20, 30)).save(tmp_path / "a" / "1.png")
+    images = read_folder_tree(tmp_path)
+    dataset = ImageDataset(images, transform=lambda pil: pil, decode_size=140)
+    jpeg, png = dataset[0][0], dataset[1][0]
+    assert jpeg.size == (200, 150)  # decoded at 1/4 scale: the largest reduction with a short side >= 140
+    assert png.size == (800, 600)  # other formats decode at full size
 
 
 def test_exif_rotated_photo_comes_upright(tmp_path):
@@ -389,7 +405,7 @@ def test_exif_rotated_photo_comes_upright(tmp_path):
 
 def test_dataloader_with_pk_batch_sampler(tmp_path):
     images = read_folder_tree(_make_tree(tmp_path / "tree", {"a": 2, "b": 3, "c": 2, "d": 1}))
-    dataset = ImageDataset(images, build_transforms(16, MEAN, STD, train=True))
+    dataset = ImageDataset(images, build_transforms(16, train=True))
     sampler = PKBatchSampler(images.labels, 2, 2, seed=0)
     batches = list(DataLoader(dataset, batch_sampler=sampler))
     assert len(batches) == len(sampler)

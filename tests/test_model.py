@@ -55,3 +55,37 @@ def test_unreachable_hub_id_fails_fast_with_a_local_copy_hint(monkeypatch):
 def test_folder_that_is_not_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(BackboneLoadError, match="not a Swinv2 checkpoint"):
         load_backbone(str(tmp_path), 64)
+
+
+def test_uint8_input_is_normalised_on_the_device_like_the_float_path():
+    torch.manual_seed(0)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    from model import Embedder
+
+    model = Embedder(load_backbone("tiny", 32), 8, mean, std).eval()
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    by_hand = (pixels.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.allclose(model(pixels), model(by_hand), atol=1e-5)
+
+
+def test_speed_options_keep_state_dict_keys_and_outputs():
+    from model import apply_speed_options
+
+    torch.manual_seed(0)
+    plain = build_embedder("tiny", 64, 8).eval()
+    switched = embedder_from_backbone_config(plain.backbone.config.to_dict(), 8)
+    switched.load_state_dict(plain.state_dict())
+    apply_speed_options(switched, grad_checkpointing=True)
+    assert list(switched.state_dict()) == list(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    switched.train(), plain.train()
+    # train mode draws stochastic depth (drop_path_rate 0.1): same seed, same draws in both models
+    torch.manual_seed(1)
+    out_plain = plain(x)
+    torch.manual_seed(1)
+    out_switched = switched(x)
+    assert torch.allclose(out_plain, out_switched, atol=1e-6)
+    out_plain.sum().backward()
+    out_switched.sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), switched.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5), name

@@ -3,14 +3,20 @@
 import itertools
 import logging
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+import retrieval
+from conftest import REPO_ROOT
+from evaluation import evaluate_embeddings, metric_names
 from metrics import (
     map_at_k,
     map_at_r,
+    mean_by_group,
     mean_reciprocal_rank,
     neighbour_hits,
     r_precision,
@@ -130,7 +136,7 @@ def test_numpy_float64_input_matches_tensor_input():
 def test_auto_backend_is_logged(caplog):
     with caplog.at_level(logging.INFO, logger="retrieval"):
         nearest_neighbours(normalised_gaussian(8, 3, seed=7), 2, backend="auto", device="cpu")
-    assert "backend=faiss" in caplog.text
+    assert "backend=torch" in caplog.text
 
 
 def test_invalid_arguments_raise():
@@ -314,3 +320,160 @@ def test_end_to_end_on_hand_placed_embeddings():
         _, neighbours = nearest_neighbours(embeddings, 5, backend=backend)
         metrics = retrieval_metrics(neighbours, labels, recall_ks=(1, 5))
         assert metrics["recall@1"] == metrics["map@r"] == metrics["mrr"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backend choice and memory budget
+
+
+def test_auto_backend_logs_its_reason(caplog):
+    embeddings = normalised_gaussian(8, 3, seed=9)
+    with caplog.at_level(logging.INFO, logger="retrieval"):
+        nearest_neighbours(embeddings, 2, backend="auto", device="cpu")
+    assert "backend=torch" in caplog.text and "faster than faiss-cpu" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="retrieval"):
+        nearest_neighbours(embeddings, 2, backend="faiss", device="cpu")
+    assert "backend=faiss" in caplog.text and "requested" in caplog.text
+
+
+def test_backend_choice_on_cuda_without_a_gpu(monkeypatch):
+    """Only the decision is testable here: faiss on the GPU while k + 2 <= 2048, torch on the GPU beyond."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(retrieval, "_faiss_gpu_count", lambda: 0)
+    assert retrieval._resolve_backend("auto", cuda, 1000)[:2] == ("torch", cuda)
+    assert retrieval._resolve_backend("faiss", cuda, 1000)[:2] == ("faiss", torch.device("cpu"))
+    monkeypatch.setattr(retrieval, "_faiss_gpu_count", lambda: 1)
+    assert retrieval._resolve_backend("auto", cuda, 2046)[:2] == ("faiss", cuda)
+    backend, device, reason = retrieval._resolve_backend("auto", cuda, 2047)
+    assert (backend, device) == ("torch", cuda) and "2048" in reason
+    assert retrieval._resolve_backend("faiss", cuda, 3000)[0] == "torch"
+    assert retrieval._resolve_backend("auto", torch.device("cpu"), 3000)[:2] == ("torch", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_memory_budget_gives_the_same_answer(backend):
+    """A budget of a few rows per block (and one recomputed tied row at a time) changes nothing."""
+    embeddings = exact_grid(90, seed=10)
+    expected = brute_force_knn(embeddings, 12)[1]
+    _, indices = nearest_neighbours(embeddings, 12, backend=backend, memory_gb=2e-6)
+    np.testing.assert_array_equal(indices.numpy(), expected)
+    with pytest.raises(ValueError, match="memory_gb"):
+        nearest_neighbours(embeddings, 12, backend=backend, memory_gb=0)
+
+
+MEMORY_PROBE = """
+import sys
+import torch
+from retrieval import nearest_neighbours
+
+def status_bytes(field):  # VmRSS: resident now; VmHWM: peak resident of this program (not of its parent)
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
+
+num_items, dim, k, backend, memory_gb, block_size, dataset = sys.argv[1:]
+generator = torch.Generator().manual_seed(0)
+if dataset == "tied":  # 16 distinct unit vectors (+-1/2 in 4 entries): every row ties at the cut, all re-sorted
+    embeddings = torch.zeros(int(num_items), int(dim))
+    embeddings[:, :4] = torch.randint(0, 2, (int(num_items), 4), generator=generator).float() - 0.5
+else:
+    embeddings = torch.nn.functional.normalize(torch.randn(int(num_items), int(dim), generator=generator), dim=1)
+nearest_neighbours(embeddings[:2048], 8, backend=backend)  # loads BLAS, thread pools: not the search's memory
+before = status_bytes("VmRSS")
+try:
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM to the current RSS, forgetting the set-up's peak
+except OSError:
+    pass  # then the set-up's peak, lower than the search's here, stays in VmHWM
+nearest_neighbours(embeddings, int(k), backend=backend, memory_gb=float(memory_gb),
+                   block_size=None if block_size == "none" else int(block_size))
+print(status_bytes("VmHWM") - before)
+"""
+
+
+def search_peak_bytes(backend: str, num_items: int, dim: int, k: int, memory_gb: float,
+                      block_size: int | None = None, dataset: str = "gaussian") -> int:
+    """Peak resident memory a search adds, measured in a fresh process (torch's CPU allocations are not
+    seen by tracemalloc, faiss's neither): peak RSS during the search minus the RSS just before it. Not
+    ru_maxrss: Linux carries the forking parent's peak (here pytest's) into a child's ru_maxrss across exec."""
+    completed = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(num_items), str(dim), str(k), backend, str(memory_gb),
+         str(block_size).lower(), dataset],
+        capture_output=True, text=True, cwd=REPO_ROOT, check=True)
+    return int(completed.stdout.split()[-1])
+
+
+# What the budget does not model, fixed whatever its size: faiss's 16 MiB inner-product tile (4096 queries x
+# 1024 items x 4 bytes) and its ~10 MiB reservoir for 4096 queries, which the allocator keeps after faiss frees
+# them, and torch's ~14 MiB of one-off sort scratch (measured on this project's machine); rounded up.
+FIXED_SLACK = 48 * 2**20
+MEMORY_BUDGET = 0.064e9
+
+
+def memory_bound(num_items: int, k: int) -> float:
+    return MEMORY_BUDGET + num_items * k * 12 + FIXED_SLACK  # + the result: float32 scores, int64 indices
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("dataset, num_items", [("gaussian", 12_000), ("tied", 3_000)])  # tied: every row re-sorted
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_search_stays_within_its_memory_budget(backend, dataset, num_items):
+    # About 123 MiB at N = 12,000 (64 MB, 14.5 MB, 48 MiB); the whole N x N score matrix alone is 576 MB.
+    peak = search_peak_bytes(backend, num_items, 64, 101, MEMORY_BUDGET / 1e9, dataset=dataset)
+    assert peak <= memory_bound(num_items, 101)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_memory_probe_sees_a_full_score_matrix():
+    """The measurement above can fail: one block of all 12,000 queries, i.e. the N x N matrix, exceeds it."""
+    peak = search_peak_bytes("torch", 12_000, 64, 101, MEMORY_BUDGET / 1e9, block_size=12_000)
+    assert peak > 12_000**2 * 4 * 0.9 > memory_bound(12_000, 101)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluate_embeddings: mAP@k and Recall@1 by super class
+
+
+def test_report_map_at_k_and_recall_by_super_class_equal_python_loops():
+    rng = np.random.default_rng(11)
+    labels = np.repeat(np.arange(60), rng.integers(1, 7, 60))[:150]
+    centres = rng.standard_normal((60, 8))
+    embeddings = centres[labels] + rng.standard_normal((150, 8))
+    embeddings = (embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)).astype(np.float32)
+    super_labels = labels % 4 * 10  # four super classes, named 0, 10, 20, 30
+    report = evaluate_embeddings(embeddings, labels, recall_ks=[1, 10], map_ks=[1, 5, 1000],
+                                 super_labels=super_labels, backend="torch")
+    assert report["knn_k"] == 149  # 1000 capped at N - 1
+    assert list(report)[:8] == ["recall@1", "recall@10", "map@1", "map@5", "map@1000", "map@r", "r_precision", "mrr"]
+
+    _, neighbours = brute_force_knn(embeddings, 149)
+    per_query, super_of_query = [], []
+    for query, row in enumerate(neighbours):
+        num_relevant = int((labels == labels[query]).sum()) - 1
+        if num_relevant:
+            hits = [bool(labels[j] == labels[query]) for j in row]
+            per_query.append({k: reference_metrics(hits, num_relevant, min(k, 149)) for k in (1, 5, 1000)})
+            super_of_query.append(super_labels[query])
+    for k in (1, 5, 1000):
+        assert report[f"map@{k}"] == pytest.approx(np.mean([q[k]["map@k"] for q in per_query]), abs=1e-6)
+    recall_at_1 = np.array([q[1]["recall"] for q in per_query])
+    super_of_query = np.array(super_of_query)
+    expected = {str(s): recall_at_1[super_of_query == s].mean() for s in (0, 10, 20, 30)}
+    assert report["recall@1_by_super_class"] == pytest.approx(expected, abs=1e-6)
+    assert metric_names(report) == list(report)[:8]  # the dict is not a table column
+
+
+def test_mean_by_group():
+    values = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    assert mean_by_group(values, torch.tensor([5, 5, -1, 5, 9])) == pytest.approx({-1: 1.0, 5: 2 / 3, 9: 0.0})
+    with pytest.raises(ValueError):
+        mean_by_group(values, torch.tensor([1, 2]))
+
+
+def test_query_neighbours_match_the_full_search_for_the_chosen_queries():
+    embeddings = exact_grid(70, seed=12)  # heavy exact ties
+    expected_scores, expected = brute_force_knn(embeddings, 9)
+    queries = torch.tensor([0, 5, 33, 69])
+    scores, indices = retrieval.query_neighbours(torch.as_tensor(embeddings), queries, 9)
+    assert torch.equal(indices, torch.as_tensor(expected)[queries])
+    assert torch.allclose(scores, torch.as_tensor(expected_scores, dtype=torch.float32)[queries])

@@ -1,0 +1,115 @@
+"""End to end: embed and search an SOP-sized test set of JPEGs through `main.py --mode eval`, timed.
+
+    python bench/e2e_bench.py --images 60502 --out e2e.json       # on a GPU machine
+    python bench/e2e_bench.py --tiny                               # a CPU smoke test
+
+It writes SOP-like synthetic JPEGs (500 x 500, quality 90; classes of 2-12 images, in SOP's list format),
+saves a random Swinv2-B/256 as a local checkpoint folder, and runs the real command a user types:
+`python main.py --mode eval --checkpoint none` with that folder as the backbone. The wall time covers
+process start, model load, decoding, embedding, exact kNN (k = 1001) and metrics; the report's own
+stage times are printed beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+UNIQUE_IMAGES = 2000
+sys.path.insert(0, str(REPO_ROOT))
+
+
+def write_jpeg(job: tuple[str, int, int]) -> None:
+    path, seed, size = job
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    pattern = np.sin(x[..., None] * rng.uniform(5, 40) + y[..., None] * rng.uniform(5, 40) + rng.uniform(0, 6, 3))
+    pixels = np.clip(rng.uniform(0, 255, 3) + 60 * pattern + rng.normal(0, 12, (size, size, 3)), 0, 255)
+    Image.fromarray(pixels.astype(np.uint8)).save(path, quality=90)
+
+
+def sop_like_dataset(root: Path, num_images: int, size: int, workers: int) -> None:
+    rng = np.random.default_rng(0)
+    labels = []
+    while len(labels) < num_images:
+        labels.extend([len(set(labels)) + 1] * int(rng.integers(2, 13)))
+    labels = labels[:num_images]
+    if labels.count(labels[-1]) == 1:
+        labels[-1] = labels[-2]
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    paths = [f"images/{i:06d}.jpg" for i in range(num_images)]
+    # Encoding 60k JPEGs would cost more than the measurement: draw UNIQUE_IMAGES, hard-link the rest.
+    # Every file is still opened and decoded separately, which is what the loader pays for.
+    unique = min(num_images, UNIQUE_IMAGES)
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(write_jpeg, [(str(root / p), i, size) for i, p in enumerate(paths[:unique])], chunksize=16))
+    for i in range(unique, num_images):
+        os.link(root / paths[i % unique], root / paths[i])
+    from dataloaders import write_sop_list
+
+    write_sop_list(root / "Ebay_test.txt", paths, labels)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=60502)
+    parser.add_argument("--tiny", action="store_true", help="tiny backbone, 200 images, CPU")
+    parser.add_argument("--attention", default="sdpa", choices=("eager", "sdpa"))
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--extra", default="", help="more key=value overrides, space separated")
+    parser.add_argument("--out", type=Path)
+    arguments = parser.parse_args()
+    num_images = 200 if arguments.tiny else arguments.images
+
+    with tempfile.TemporaryDirectory() as temporary:
+        root = Path(temporary) / "sop_like"
+        started = time.perf_counter()
+        sop_like_dataset(root, num_images, 500, arguments.workers)
+        print(f"wrote {num_images} JPEGs in {time.perf_counter() - started:.1f} s", flush=True)
+        if arguments.tiny:
+            backbone = "tiny"
+        else:
+            from bench.train_bench import swinv2_base_config
+            from transformers import Swinv2Model
+
+            backbone = str(Path(temporary) / "swinv2_base_random")
+            Swinv2Model(swinv2_base_config()).save_pretrained(backbone)
+        output = Path(temporary) / "report.json"
+        command = [
+            sys.executable, str(REPO_ROOT / "main.py"), "--mode", "eval", "--checkpoint", "none", "--output", str(output),
+            "data.format=sop", f"data.root={root}", f"model.backbone={backbone}", "model.embedding_dim=0",
+            f"model.attention={arguments.attention}", f"data.num_workers={arguments.workers}",
+            f"eval.batch_size={arguments.batch_size}", "wandb.mode=disabled", f"output.dir={Path(temporary) / 'run'}",
+            "data.image_size=64" if arguments.tiny else "data.image_size=256", *arguments.extra.split(),
+        ]
+        started = time.perf_counter()
+        subprocess.run(command, check=True, cwd=REPO_ROOT)
+        wall = time.perf_counter() - started
+        report = json.loads(output.read_text())
+    result = {"images": num_images, "wall_seconds": round(wall, 2), "seconds_embed": report["seconds_embed"],
+              "seconds_search": report["seconds_search"], "seconds_metrics": report["seconds_metrics"],
+              "embed_images_per_second": round(num_images / report["seconds_embed"], 1),
+              "attention": arguments.attention, "batch_size": arguments.batch_size, "workers": arguments.workers}
+    print(json.dumps(result))
+    print("\n| images | whole eval command (s) | embedding (s) | images/s | kNN search (s) | metrics (s) |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {num_images} | {result['wall_seconds']} | {result['seconds_embed']} | {result['embed_images_per_second']} | "
+          f"{result['seconds_search']} | {result['seconds_metrics']} |")
+    if arguments.out:
+        arguments.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Training-step and embedding throughput for the Swinv2-B/256 shape, our way vs the reference's way.
+
+Random weights and synthetic tensors (no data loading: bench/data_bench.py measures that), so the numbers
+are the model step alone. Everything runs in one process on one device, so the ratios hold.
+
+    python bench/train_bench.py --out train_bench.json            # real shape, on CUDA if present
+    python bench/train_bench.py --tiny                            # seconds on a CPU: a smoke test
+
+Rows:
+- reference: fp32, three separate forward passes of 16 anchors / 16 positives / 16 negatives,
+  TripletMarginLoss(margin=1) on the unnormalised pooled output, AdamW(amsgrad=True): the original code.
+- ours: `trainer.Trainer.train_step` itself (one forward over the P x K batch, batch-hard triplet loss on
+  L2-normalised embeddings, fused AdamW on CUDA), with the switches named in the row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from transformers import Swinv2Config, Swinv2Model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import Embedder, apply_speed_options, tiny_backbone_config  # noqa: E402
+from objective import MetricLearningObjective  # noqa: E402
+from trainer import Trainer, build_optimizer, warmup_cosine_schedule  # noqa: E402
+
+
+def swinv2_base_config() -> Swinv2Config:
+    """microsoft/swinv2-base-patch4-window16-256's architecture (1024-d pooled output, ~22 GMACs/image)."""
+    return Swinv2Config(image_size=256, patch_size=4, embed_dim=128, depths=[2, 2, 18, 2],
+                        num_heads=[4, 8, 16, 32], window_size=16)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None
+
+
+def timed_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[float, float]:
+    """(seconds of the first call, mean seconds per call after `warmup` calls)."""
+    synchronize(device)
+    started = time.perf_counter()
+    step()
+    synchronize(device)
+    first = time.perf_counter() - started
+    for _ in range(max(0, warmup - 1)):
+        step()
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return first, (time.perf_counter() - started) / steps
+
+
+def reference_step_runner(config: Swinv2Config, device: torch.device, triplets: int):
+    """The original pipeline's step: fp32, 3 forward passes, margin-1 triplet loss, AdamW(amsgrad)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model = Swinv2Model(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, amsgrad=True)
+    loss_function = torch.nn.TripletMarginLoss(margin=1.0)
+    size = config.image_size
+    anchors, positives, negatives = (torch.randn(triplets, 3, size, size, device=device) for _ in range(3))
+
+    def step():
+        optimizer.zero_grad()
+        loss = loss_function(model(pixel_values=anchors).pooler_output, model(pixel_values=positives).pooler_output,
+                             model(pixel_values=negatives).pooler_output)
+        loss.backward()
+        optimizer.step()
+
+    return step, 3 * triplets
+
+
+def our_step_runner(config: Swinv2Config, device: torch.device, batch: int, precision: str, attention: str,
+                    grad_checkpointing: bool, compile_backbone: bool, tf32: bool):
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    model = Embedder(Swinv2Model(config), 512).to(device)
+    apply_speed_options(model, attention, grad_checkpointing, compile_backbone)
+    optimizer = build_optimizer(model, 2e-5, 10.0, 0.05, device)
+    scheduler = warmup_cosine_schedule(optimizer, 10_000, 100)
+    objective = MetricLearningObjective("triplet", "batchhard", 0.1, 0.0, 0.5, seed=0)
+    trainer = Trainer(model, objective, optimizer, scheduler, None, None, device, precision, 1.0, 1, 0,
+                      Path("."), None, 0, {})
+    images_per_class = 4
+    labels = torch.arange(batch // images_per_class).repeat_interleave(images_per_class)
+    images = torch.randint(0, 256, (len(labels), 3, config.image_size, config.image_size), dtype=torch.uint8)
+    images, labels = images.to(device), labels.to(device)
+    return (lambda: trainer.train_step(images, labels)), len(labels)
+
+
+def embed_runner(config: Swinv2Config, device: torch.device, batch: int, attention: str, compile_backbone: bool):
+    model = apply_speed_options(Embedder(Swinv2Model(config), 512).to(device).eval(), attention,
+                                compile_backbone=compile_backbone)
+    images = torch.randint(0, 256, (batch, 3, config.image_size, config.image_size), dtype=torch.uint8, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+
+    def step():
+        with torch.inference_mode(), autocast:
+            model(images)
+
+    return step, batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny model, CPU-sized batches: a smoke test")
+    parser.add_argument("--batch", type=int, default=128, help="our P x K batch (default 32 x 4)")
+    parser.add_argument("--embed-batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated row names to run (default: all)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file for the results")
+    arguments = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not arguments.tiny else "cpu")
+    config = tiny_backbone_config(64) if arguments.tiny else swinv2_base_config()
+    batch = 16 if arguments.tiny else arguments.batch
+    embed_batch = 16 if arguments.tiny else arguments.embed_batch
+    steps, warmup = (2, 1) if arguments.tiny else (arguments.steps, arguments.warmup)
+    precision = "bf16"
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"device: {device_name}; torch {torch.__version__}; model: {'tiny' if arguments.tiny else 'Swinv2-B/256'}",
+          flush=True)
+
+    rows = [
+        ("reference (fp32, 3 x 16 passes, amsgrad)", "train", lambda: reference_step_runner(config, device, 4 if arguments.tiny else 16)),
+        ("ours: bf16, one pass, fused AdamW, eager attention", "train",
+         lambda: our_step_runner(config, device, batch, precision, "eager", False, False, True)),
+        ("ours: + SDPA attention", "train",
+         lambda: our_step_runner(config, device, batch, precision, "sdpa", False, False, True)),
+        ("ours: + SDPA + grad checkpointing", "train",
+         lambda: our_step_runner(config, device, batch, precision, "sdpa", True, False, True)),
+        ("ours: + SDPA + torch.compile", "train",
+         lambda: our_step_runner(config, device, batch, precision, "sdpa", False, True, True)),
+        ("embed: bf16, eager attention", "embed", lambda: embed_runner(config, device, embed_batch, "eager", False)),
+        ("embed: bf16, SDPA attention", "embed", lambda: embed_runner(config, device, embed_batch, "sdpa", False)),
+        ("embed: bf16, SDPA + torch.compile", "embed", lambda: embed_runner(config, device, embed_batch, "sdpa", True)),
+    ]
+    if arguments.skip_compile:
+        rows = [row for row in rows if "compile" not in row[0]]
+    if arguments.only:
+        wanted = {name.strip() for name in arguments.only.split(",")}
+        rows = [row for row in rows if any(w in row[0] for w in wanted)]
+
+    results = []
+    for name, kind, build in rows:
+        reset_peak(device)
+        try:
+            step, images_per_step = build()
+            first, per_step = timed_steps(step, warmup, steps, device)
+            result = {"row": name, "kind": kind, "images_per_step": images_per_step,
+                      "images_per_second": round(images_per_step / per_step, 1), "first_call_seconds": round(first, 2),
+                      "peak_gib": peak_gib(device)}
+        except Exception as error:  # keep measuring the other rows; an OOM is a result too
+            traceback.print_exc()
+            result = {"row": name, "kind": kind, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+        finally:
+            step = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        results.append(result)
+        print(json.dumps(result), flush=True)
+        if arguments.out:
+            arguments.out.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "rows": results}, indent=2))
+
+    reference = next((r["images_per_second"] for r in results if r["row"].startswith("reference") and "error" not in r), None)
+    print(f"\n### Training step and embedding throughput ({device_name}, {'tiny model' if arguments.tiny else 'Swinv2-B/256'}, synthetic tensors)\n")
+    print("| row | images/step | images/s | x reference | first call (s) | peak GiB |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['row']} | | {r['error']} | | | |")
+            continue
+        ratio = f"{r['images_per_second'] / reference:.2f}" if reference and r["kind"] == "train" else ""
+        print(f"| {r['row']} | {r['images_per_step']} | {r['images_per_second']} | {ratio} | "
+              f"{r['first_call_seconds']} | {r['peak_gib'] if r['peak_gib'] is not None else 'n/a'} |")
+
+
+if __name__ == "__main__":
+    main()

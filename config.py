@@ -38,7 +38,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {
         "backbone": "microsoft/swinv2-base-patch4-window16-256",  # hub id | local dir | tiny
         "embedding_dim": 512,  # 0 = no projection head: the backbone's pooled output (1024-d for Swinv2-B)
-        "attention": "eager",  # eager (transformers' own) | sdpa (scaled_dot_product_attention, same weights)
+        "attention": "sdpa",  # sdpa (scaled_dot_product_attention: same weights, 1.5-2x faster on H100) | eager
     },
     "train": {
         "epochs": 15,

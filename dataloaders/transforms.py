@@ -31,7 +31,8 @@ def build_transforms(image_size: int, train: bool, min_crop_scale: float = 0.16)
                     v2.RandomHorizontalFlip()]
     else:
         geometry = [v2.Resize(eval_resize_size(image_size), antialias=True), v2.CenterCrop(image_size)]
-    return v2.Compose([*geometry, v2.ToImage()])
+    # To a uint8 tensor first: torchvision's uint8 antialiased resize is 1.6-2x faster than PIL's here.
+    return v2.Compose([v2.ToImage(), *geometry])
 
 
 def eval_resize_size(image_size: int) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -168,6 +167,3 @@ def write_report(report: dict, path: Path) -> None:
     temporary.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     temporary.replace(path)
 
-
-def is_better(candidate: float, best: float) -> bool:
-    return math.isfinite(candidate) and (not math.isfinite(best) or candidate > best)

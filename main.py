@@ -5,6 +5,7 @@
     python main.py --mode eval  --embeddings E.npy --labels L.npy [--output report.json]
     python main.py --mode demo  [key=value ...]        (configs/demo.yaml: train, then eval untrained vs trained)
     python main.py --mode cache [--config FILE] [key=value ...]   (build data.cache_dir, a downsized copy)
+    python main.py --mode check [--config FILE] [key=value ...]   (every list line and image, before training)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 3  # SIGTERM/SIGINT: last.pt saved at a step boundary; a requeued job resumes with --resume
 GRID_NEIGHBOURS = 8  # results per query in the --visualize grid
 DEMO_PICTURE_QUERIES = 8
 
@@ -34,7 +36,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         description="Fine-tune and evaluate a Swinv2 image-retrieval model (deep metric learning).",
         epilog="Trailing section.key=value pairs override the config, e.g. train.epochs=3 data.root=/data/sop",
     )
-    parser.add_argument("--mode", required=True, choices=("train", "eval", "demo", "cache"))
+    parser.add_argument("--mode", required=True, choices=("train", "eval", "demo", "cache", "check"))
     parser.add_argument("--config", type=Path, default=None,
                         help="YAML config (default: built-in SOP defaults; demo mode: configs/demo.yaml)")
     parser.add_argument("--checkpoint", default=None,
@@ -98,18 +100,20 @@ def worker_count(configured: int) -> int:
 
 def evaluation_loader(image_list, config, device):
     import torch
-    from dataloaders import ImageDataset, build_transforms, decode_size
+    from dataloaders import ImageDataset, build_transforms, decode_size, ignore_stop_signals
 
     workers = worker_count(config.data.num_workers)
     size = config.data.image_size
     dataset = ImageDataset(image_list, build_transforms(size, train=False), decode_size(size, train=False))
     return torch.utils.data.DataLoader(dataset, batch_size=config.eval.batch_size, shuffle=False, num_workers=workers,
-                                       pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+                                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                       worker_init_fn=ignore_stop_signals)
 
 
 def training_loader(image_list, config, device):
     import torch
-    from dataloaders import ImageDataset, PKBatchSampler, RandomTripletBatchSampler, build_transforms, decode_size
+    from dataloaders import (ImageDataset, PKBatchSampler, RandomTripletBatchSampler, build_transforms, decode_size,
+                             ignore_stop_signals)
 
     data = config.data
     try:
@@ -125,7 +129,8 @@ def training_loader(image_list, config, device):
                            decode_size(data.image_size, train=True, min_crop_scale=data.min_crop_scale))
     return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
                                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                       prefetch_factor=4 if workers > 0 else None, generator=torch.Generator())
+                                       prefetch_factor=4 if workers > 0 else None, generator=torch.Generator(),
+                                       worker_init_fn=ignore_stop_signals)
 
 
 # ---- shared set-up -----------------------------------------------------------------------------------
@@ -167,7 +172,6 @@ def print_report(title: str, report: dict) -> None:
 
 # ---- modes -----------------------------------------------------------------------------------------
 def run_train(config, resume: bool, overwrite: bool) -> dict:
-    import torch
 
     from config import save_config
     from evaluation import evaluate_embeddings, extract_embeddings
@@ -383,6 +387,23 @@ def run_cache(config) -> dict:
     return summary
 
 
+def run_check(config) -> dict:
+    """Open and decode every image of every split; report counts, class sizes and every bad item."""
+    from dataloaders.checks import check_image_lists, format_check_report
+    from evaluation import write_report
+
+    need_test = config.data.format != "folder" or bool(config.data.test_root)
+    train, validation, test = resolve_image_lists(config, need_train=True, need_test=need_test)
+    splits = {name: image_list for name, image_list in (("train", train), ("validation", validation), ("test", test))
+              if image_list is not None and len(image_list) > 0}
+    report = check_image_lists(splits, workers=max(1, worker_count(config.data.num_workers)))
+    print(format_check_report(report))
+    report_path = Path(config.output.dir) / "data_check.json"
+    write_report(report, report_path)
+    print(f"report written to {report_path}")
+    return report
+
+
 def run_demo(config) -> dict:
     from evaluation import markdown_table, write_report
 
@@ -413,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(config)
         elif arguments.mode == "cache":
             run_cache(config)
+        elif arguments.mode == "check":
+            return 0 if run_check(config)["ok"] else 1
         elif arguments.embeddings or arguments.labels:
             if not (arguments.embeddings and arguments.labels):
                 raise UsageError("--embeddings and --labels go together")
@@ -428,8 +451,11 @@ def main(argv: list[str] | None = None) -> int:
         from dataloaders import DataFormatError
         from dataloaders.cache import CacheError
         from model import BackboneLoadError
-        from trainer import NonFiniteLossError
+        from trainer import NonFiniteLossError, TrainingInterrupted
 
+        if isinstance(error, TrainingInterrupted):
+            print(f"interrupted: {error}", file=sys.stderr)
+            return EXIT_INTERRUPTED
         if arguments.debug or not isinstance(error, (DataFormatError, BackboneLoadError, NonFiniteLossError, CacheError)):
             raise
         print(f"error: {error}", file=sys.stderr)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,6 +20,10 @@ from evaluation import autocast_context
 log = logging.getLogger("trainer")
 
 VALIDATION_METRIC = "recall@1"
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT arrived: last.pt holds the state at the step boundary where training stopped."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -110,6 +116,8 @@ class Trainer:
         self.best_metric = -math.inf
         self.epochs_without_improvement = 0
         self.history: list[dict] = []
+        self.batches_done_in_epoch = 0  # > 0 only in a checkpoint written mid-epoch (after a stop signal)
+        self.stop_signal: str | None = None
 
     # ---- one optimisation step -------------------------------------------------------------
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
@@ -139,28 +147,57 @@ class Trainer:
         self.model.train()
         sampler = self.train_loader.batch_sampler
         sampler.set_epoch(self.epoch)
-        # Augmentation randomness in the workers depends only on (seed, epoch): resumable and repeatable.
+        start = self.batches_done_in_epoch
+        sampler.set_start_batch(start)  # a run stopped mid-epoch continues with the batch after the last one
+        # Seeds the workers' augmentation when they start (each epoch unless workers are persistent).
         self.train_loader.generator.manual_seed(self.seed * 100_003 + self.epoch)
-        progress = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", unit="batch",
-                        disable=not self.is_main, dynamic_ncols=True)
+        progress = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", unit="batch", initial=start,
+                        total=len(sampler), disable=not self.is_main, dynamic_ncols=True)
         total_loss, total_images, started = 0.0, 0, time.perf_counter()
-        for step_in_epoch, (images, labels, _) in enumerate(progress, start=1):
+        for step_in_epoch, (images, labels, _) in enumerate(progress, start=start + 1):
             loss, num_triplets = self.train_step(images, labels)
+            self.batches_done_in_epoch = step_in_epoch
             total_loss += loss
             total_images += len(images)
             images_per_second = total_images / (time.perf_counter() - started)
             progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.1f}")
-            if self.global_step % 10 == 0 or step_in_epoch == len(self.train_loader):
+            if self.global_step % 10 == 0 or step_in_epoch == len(sampler):
                 self.tracker.log({"train/loss": loss, "train/triplets": num_triplets,
                                   "train/lr": self.scheduler.get_last_lr()[0],
                                   "train/images_per_second": images_per_second,
-                                  "epoch": self.epoch + step_in_epoch / len(self.train_loader)}, step=self.global_step)
+                                  "epoch": self.epoch + step_in_epoch / len(sampler)}, step=self.global_step)
+            if self.stop_signal is not None:
+                self.stop_at_step_boundary()
+        self.batches_done_in_epoch = 0
         seconds = time.perf_counter() - started
-        return {"train/epoch_loss": total_loss / max(1, len(self.train_loader)), "train/epoch_seconds": seconds,
+        steps_run = len(sampler) - start
+        return {"train/epoch_loss": total_loss / max(1, steps_run), "train/epoch_seconds": seconds,
                 "train/epoch_images_per_second": total_images / seconds if seconds > 0 else 0.0}
+
+    def stop_at_step_boundary(self) -> None:
+        """Save last.pt (mid-epoch position included) and raise TrainingInterrupted."""
+        progress_note = f"epoch {self.epoch + 1}, batch {self.batches_done_in_epoch}, step {self.global_step}"
+        if self.is_main:
+            self.save("last.pt", {})
+        raise TrainingInterrupted(f"stopped by {self.stop_signal} after {progress_note}; "
+                                  f"{self.run_dir / 'last.pt'} saved: continue with --resume")
+
+    def _request_stop(self, signum, frame) -> None:
+        # Only a flag: the step in flight finishes, then the loop saves and stops at the boundary.
+        self.stop_signal = signal.Signals(signum).name
 
     def fit(self) -> dict:
         """Train until `epochs` or early stopping. Returns the best validation metrics (or the last epoch's)."""
+        handles_signals = threading.current_thread() is threading.main_thread()
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)} \
+            if handles_signals else {}
+        try:
+            return self._fit()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _fit(self) -> dict:
         while self.epoch < self.epochs:
             summary = self.train_epoch()
             validation = self.validate(self.model) if self.validate is not None else {}
@@ -201,6 +238,7 @@ class Trainer:
             "global_step": self.global_step,
             "best_metric": self.best_metric,
             "epochs_without_improvement": self.epochs_without_improvement,
+            "batches_done_in_epoch": self.batches_done_in_epoch,
             "history": self.history,
             "metrics": metrics,
             **self.checkpoint_extra,
@@ -221,6 +259,8 @@ class Trainer:
         self.global_step = checkpoint["global_step"]
         self.best_metric = checkpoint["best_metric"]
         self.epochs_without_improvement = checkpoint["epochs_without_improvement"]
+        self.batches_done_in_epoch = checkpoint["batches_done_in_epoch"]
         self.history = list(checkpoint["history"])
         if self.is_main:
-            tqdm.write(f"resumed from {path}: {self.epoch} epochs done, step {self.global_step}")
+            within = f" and {self.batches_done_in_epoch} batches of the next" if self.batches_done_in_epoch else ""
+            tqdm.write(f"resumed from {path}: {self.epoch} epochs done{within}, step {self.global_step}")

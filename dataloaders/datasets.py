@@ -1,5 +1,6 @@
 """A map-style dataset of image files with integer labels."""
 
+import signal
 from collections.abc import Callable
 
 from PIL import Image, ImageOps
@@ -39,3 +40,13 @@ class ImageDataset(Dataset):
                 image.draft("RGB", (self.decode_size, self.decode_size))
             image = ImageOps.exif_transpose(image).convert("RGB")
         return self.transform(image), int(self.image_list.labels[index]), int(index)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: workers ignore SIGTERM/SIGINT, which SLURM and Ctrl-C also send to them.
+
+    The main process receives them too and stops at the next step boundary, saving a checkpoint; a
+    worker killed first would instead make the loader raise in the middle of a step.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -41,13 +41,19 @@ class _EpochPlanSampler(Sampler[list[int]]):
         return self._num_batches // self.world_size
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the plan of `epoch` (>= 0) for the following iterations."""
+        """Select the plan of `epoch` (>= 0) for the following iterations, from its first batch."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch = epoch
+        self._start_batch = 0
 
     def set_start_batch(self, num_batches: int) -> None:
-        """Make the next iteration (only) skip this rank's first `num_batches` batches of the epoch."""
+        """Skip this rank's first `num_batches` batches of the current epoch, until the next `set_epoch`.
+
+        It holds for every iteration of the epoch, not just the next one: a DataLoader with workers
+        calls iter() on its batch sampler twice when it starts (once in the iterator's base class,
+        again when it resets), so a one-shot skip would be consumed by the first, discarded call.
+        """
         if not 0 <= num_batches <= len(self):
             raise ValueError(f"start batch must be in [0, {len(self)}], got {num_batches}")
         self._start_batch = num_batches
@@ -57,9 +63,7 @@ class _EpochPlanSampler(Sampler[list[int]]):
         return self._plan(np.random.default_rng((self.seed, epoch)))
 
     def __iter__(self):
-        # Consume the start offset now, not lazily inside a generator, so it applies to exactly
-        # the iteration that was asked for.
-        start, self._start_batch = self._start_batch, 0
+        start = self._start_batch  # read now, not lazily inside the generator
         # Ranks interleave (r, r + W, ...) and the tail that cannot be shared evenly is dropped:
         # every rank must run the same number of steps or collective ops hang.
         mine = self.epoch_plan(self.epoch)[self.rank : len(self) * self.world_size : self.world_size]

@@ -237,6 +237,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return Config(values)
 
 
+# What a checkpoint's weights depend on: resuming or evaluating with other values would silently mismatch.
+MODEL_DEFINING_KEYS = ("model.backbone", "model.embedding_dim", "data.image_size")
+
+
+def differing_keys(saved: dict, current: dict, keys: tuple[str, ...] = MODEL_DEFINING_KEYS) -> list[str]:
+    """`key: saved -> current` for each dotted key whose value differs between two config dicts."""
+    differences = []
+    for key in keys:
+        section, name = key.split(".")
+        before, after = saved.get(section, {}).get(name), current.get(section, {}).get(name)
+        if before != after:
+            differences.append(f"{key}: {before!r} in the checkpoint, {after!r} now")
+    return differences
+
+
 def save_config(config: Config, path: Path) -> None:
     """Write the resolved config as YAML (the run folder's `config.yaml`)."""
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

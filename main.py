@@ -233,6 +233,7 @@ def run_train(config, resume: bool, overwrite: bool) -> dict:
                       config.train.grad_clip, config.train.epochs, config.train.patience, run_dir, tracker,
                       config.train.seed, checkpoint_extra)
     if resume:
+        refuse_mismatched_checkpoint(last, config)
         trainer.resume(last)
     try:
         summary = trainer.fit()
@@ -248,6 +249,19 @@ def run_train(config, resume: bool, overwrite: bool) -> dict:
     return summary
 
 
+def refuse_mismatched_checkpoint(path: Path, config, checkpoint: dict | None = None) -> dict:
+    """Load `path` (weights only) and raise UsageError if it was trained with another model definition."""
+    from config import differing_keys
+    from trainer import load_checkpoint
+
+    checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path)
+    differences = differing_keys(checkpoint["config"], config.to_dict())
+    if differences:
+        raise UsageError(f"checkpoint {path} does not match this config ({'; '.join(differences)}): "
+                         f"use the run's own config.yaml, or another output.dir")
+    return checkpoint
+
+
 def load_model_for_eval(config, checkpoint_arg, device):
     """(model, description). `none` = the backbone as loaded (pretrained or random init)."""
     from model import apply_speed_options, build_embedder, embedder_from_backbone_config
@@ -261,7 +275,7 @@ def load_model_for_eval(config, checkpoint_arg, device):
         path = Path(checkpoint_arg) if checkpoint_arg else Path(config.output.dir) / "best.pt"
         if not path.is_file():
             raise UsageError(f"checkpoint '{path}' does not exist (train first, or pass --checkpoint PATH or none)")
-        checkpoint = load_checkpoint(path)
+        checkpoint = refuse_mismatched_checkpoint(path, config, load_checkpoint(path))
         normalisation = checkpoint["normalisation"]
         model = embedder_from_backbone_config(json.loads(checkpoint["backbone_config_json"]),
                                               checkpoint["embedding_dim"], normalisation["mean"], normalisation["std"])

@@ -239,6 +239,9 @@ class Trainer:
             "best_metric": self.best_metric,
             "epochs_without_improvement": self.epochs_without_improvement,
             "batches_done_in_epoch": self.batches_done_in_epoch,
+            # Dropout, stochastic depth and (with num_workers=0) augmentation draw from these.
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "history": self.history,
             "metrics": metrics,
             **self.checkpoint_extra,
@@ -248,7 +251,12 @@ class Trainer:
         save_checkpoint_atomically(self.state(metrics), self.run_dir / name)
 
     def resume(self, path: Path) -> None:
-        """Restore model, optimiser, scheduler, scaler, miner RNG, epoch and early-stopping state."""
+        """Restore model, optimiser, scheduler, scaler, RNGs, epoch (and position in it) and early-stopping state.
+
+        With data.num_workers=0 the continued run is the uninterrupted one, step for step (tested). With
+        loader workers, each worker's augmentation stream restarts when workers do, so the augmentations
+        after a resume differ from those an uninterrupted run would have drawn (same distribution).
+        """
         checkpoint = load_checkpoint(path, map_location=self.device)
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -260,6 +268,9 @@ class Trainer:
         self.best_metric = checkpoint["best_metric"]
         self.epochs_without_improvement = checkpoint["epochs_without_improvement"]
         self.batches_done_in_epoch = checkpoint["batches_done_in_epoch"]
+        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
+        if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([state.cpu() for state in checkpoint["rng"]["cuda"]])
         self.history = list(checkpoint["history"])
         if self.is_main:
             within = f" and {self.batches_done_in_epoch} batches of the next" if self.batches_done_in_epoch else ""

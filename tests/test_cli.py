@@ -181,3 +181,16 @@ def test_missing_sop_root_is_an_error_and_generates_nothing(tmp_path, capsys):
     assert code == 2
     assert "data.root" in capsys.readouterr().err
     assert not root.exists()
+
+
+def test_checkpoint_from_another_model_definition_is_refused_with_the_difference(tmp_path, capsys):
+    overrides = demo_overrides(tmp_path, **{"train.epochs": 1})
+    assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml", *overrides) == 0
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    changed = [*overrides, "model.embedding_dim=32"]
+    assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml", "--resume", *changed) == 2
+    assert "model.embedding_dim: 64 in the checkpoint, 32 now" in capsys.readouterr().err
+    assert run_cli("--mode", "eval", "--config", REPO_ROOT / "configs/demo.yaml", *overrides[:-1], "data.image_size=48",
+                   "wandb.mode=disabled") == 2
+    assert "data.image_size: 32 in the checkpoint, 48 now" in capsys.readouterr().err
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -16,8 +15,6 @@ from tqdm import tqdm
 
 from metrics import map_at_k, mean_by_group, neighbour_hits, recall_at_k, relevant_counts, retrieval_metrics
 from retrieval import nearest_neighbours
-
-log = logging.getLogger("evaluation")
 
 METRIC_KEYS_AFTER_RECALL = ("map@r", "r_precision", "mrr")
 
@@ -45,10 +42,10 @@ def extract_embeddings(model: nn.Module, loader, device: torch.device, precision
     for images, batch_labels, _ in tqdm(loader, desc=description, leave=False, unit="batch"):
         with autocast_context(device, precision):
             batch_embeddings = model(images.to(device, non_blocking=True))
-        embeddings.append(batch_embeddings.float().cpu())
+        embeddings.append(batch_embeddings.float())  # stays on the device: no sync per batch
         labels.append(batch_labels)
     model.train(was_training)
-    return torch.cat(embeddings), torch.cat(labels).long()
+    return torch.cat(embeddings).cpu(), torch.cat(labels).long()
 
 
 def evaluate_embeddings(embeddings: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,

@@ -172,7 +172,6 @@ def print_report(title: str, report: dict) -> None:
 
 # ---- modes -----------------------------------------------------------------------------------------
 def run_train(config, resume: bool, overwrite: bool) -> dict:
-
     from config import save_config
     from evaluation import evaluate_embeddings, extract_embeddings
     from model import apply_speed_options, build_embedder
@@ -187,9 +186,13 @@ def run_train(config, resume: bool, overwrite: bool) -> dict:
                          f"--overwrite to start afresh, or set output.dir to a new folder")
     if resume and not last.exists():
         raise UsageError(f"--resume: no {last} to resume from")
+    # Checked before anything is written, so a refused resume leaves the run folder as it was.
+    resumed_from = refuse_mismatched_checkpoint(last, config) if resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(run_dir, os.W_OK):
         raise UsageError(f"output.dir '{run_dir}' is not writable")
+    if not resume:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # --overwrite: a fresh run gets a fresh log
 
     train_list, val_list, _ = resolve_image_lists(config, need_train=True, need_test=False)
     device = select_device(config.train.device)
@@ -232,9 +235,8 @@ def run_train(config, resume: bool, overwrite: bool) -> dict:
     trainer = Trainer(model, objective, optimizer, scheduler, train_loader, validate, device, config.train.precision,
                       config.train.grad_clip, config.train.epochs, config.train.patience, run_dir, tracker,
                       config.train.seed, checkpoint_extra)
-    if resume:
-        refuse_mismatched_checkpoint(last, config)
-        trainer.resume(last)
+    if resumed_from is not None:
+        trainer.resume(resumed_from, last)
     try:
         summary = trainer.fit()
     finally:
@@ -249,12 +251,12 @@ def run_train(config, resume: bool, overwrite: bool) -> dict:
     return summary
 
 
-def refuse_mismatched_checkpoint(path: Path, config, checkpoint: dict | None = None) -> dict:
-    """Load `path` (weights only) and raise UsageError if it was trained with another model definition."""
+def refuse_mismatched_checkpoint(path: Path, config) -> dict:
+    """Load `path` (weights only, onto the CPU); raise UsageError if it was trained with another model definition."""
     from config import differing_keys
     from trainer import load_checkpoint
 
-    checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path)
+    checkpoint = load_checkpoint(path)
     differences = differing_keys(checkpoint["config"], config.to_dict())
     if differences:
         raise UsageError(f"checkpoint {path} does not match this config ({'; '.join(differences)}): "
@@ -265,7 +267,6 @@ def refuse_mismatched_checkpoint(path: Path, config, checkpoint: dict | None = N
 def load_model_for_eval(config, checkpoint_arg, device):
     """(model, description). `none` = the backbone as loaded (pretrained or random init)."""
     from model import apply_speed_options, build_embedder, embedder_from_backbone_config
-    from trainer import load_checkpoint
 
     if checkpoint_arg == "none":
         seed_everything(config.train.seed)  # `tiny` then starts from the same random weights as training did
@@ -275,7 +276,7 @@ def load_model_for_eval(config, checkpoint_arg, device):
         path = Path(checkpoint_arg) if checkpoint_arg else Path(config.output.dir) / "best.pt"
         if not path.is_file():
             raise UsageError(f"checkpoint '{path}' does not exist (train first, or pass --checkpoint PATH or none)")
-        checkpoint = refuse_mismatched_checkpoint(path, config, load_checkpoint(path))
+        checkpoint = refuse_mismatched_checkpoint(path, config)
         normalisation = checkpoint["normalisation"]
         model = embedder_from_backbone_config(json.loads(checkpoint["backbone_config_json"]),
                                               checkpoint["embedding_dim"], normalisation["mean"], normalisation["std"])

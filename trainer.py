@@ -250,15 +250,14 @@ class Trainer:
     def save(self, name: str, metrics: dict) -> None:
         save_checkpoint_atomically(self.state(metrics), self.run_dir / name)
 
-    def resume(self, path: Path) -> None:
+    def resume(self, checkpoint: dict, source: Path) -> None:
         """Restore model, optimiser, scheduler, scaler, RNGs, epoch (and position in it) and early-stopping state.
 
         With data.num_workers=0 the continued run is the uninterrupted one, step for step (tested). With
         loader workers, each worker's augmentation stream restarts when workers do, so the augmentations
         after a resume differ from those an uninterrupted run would have drawn (same distribution).
         """
-        checkpoint = load_checkpoint(path, map_location=self.device)
-        self.model.load_state_dict(checkpoint["model"])
+        self.model.load_state_dict(checkpoint["model"])  # copies onto the model's device
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
@@ -274,4 +273,4 @@ class Trainer:
         self.history = list(checkpoint["history"])
         if self.is_main:
             within = f" and {self.batches_done_in_epoch} batches of the next" if self.batches_done_in_epoch else ""
-            tqdm.write(f"resumed from {path}: {self.epoch} epochs done{within}, step {self.global_step}")
+            tqdm.write(f"resumed from {source}: {self.epoch} epochs done{within}, step {self.global_step}")

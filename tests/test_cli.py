@@ -111,7 +111,7 @@ def test_resume_restores_exact_state_into_the_trainer(tmp_path):
     trainer = Trainer(model, MetricLearningObjective("triplet", "batchhard", 0.1, 0.0, 0.5, 0), optimizer,
                       warmup_cosine_schedule(optimizer, 10, 1), None, None, torch.device("cpu"), "fp32", 1.0, 1, 0,
                       tmp_path, None, 0, {})
-    trainer.resume(tmp_path / "run" / "last.pt")
+    trainer.resume(saved, tmp_path / "run" / "last.pt")
     assert trainer.epoch == saved["epoch"] == 1
     assert trainer.scheduler.last_epoch == saved["scheduler"]["last_epoch"]
     for key, tensor in saved["optimizer"]["state"][0].items():
@@ -190,6 +190,7 @@ def test_checkpoint_from_another_model_definition_is_refused_with_the_difference
     changed = [*overrides, "model.embedding_dim=32"]
     assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml", "--resume", *changed) == 2
     assert "model.embedding_dim: 64 in the checkpoint, 32 now" in capsys.readouterr().err
+    assert "embedding_dim: 64" in (tmp_path / "run" / "config.yaml").read_text()  # the run's config untouched
     assert run_cli("--mode", "eval", "--config", REPO_ROOT / "configs/demo.yaml", *overrides[:-1], "data.image_size=48",
                    "wandb.mode=disabled") == 2
     assert "data.image_size: 32 in the checkpoint, 48 now" in capsys.readouterr().err

@@ -94,6 +94,11 @@ def resolve_image_lists(config, need_train: bool, need_test: bool, ignore_cache:
     return train, validation, test
 
 
+def has_test_split(config) -> bool:
+    """SOP-format lists always name a test list; a folder catalogue has one only with data.test_root."""
+    return config.data.format != "folder" or bool(config.data.test_root)
+
+
 def worker_count(configured: int) -> int:
     return len(os.sched_getaffinity(0)) if configured == -1 else configured
 
@@ -388,8 +393,8 @@ def run_cache(config) -> dict:
 
     if not config.data.cache_dir:
         raise UsageError("set data.cache_dir=FOLDER to say where the cache goes")
-    need_test = config.data.format != "folder" or bool(config.data.test_root)
-    lists = [l for l in resolve_image_lists(config, need_train=True, need_test=need_test, ignore_cache=True) if l is not None]
+    lists = [l for l in resolve_image_lists(config, need_train=True, need_test=has_test_split(config), ignore_cache=True)
+             if l is not None]
     short_side = eval_resize_size(config.data.image_size)
     started = time.perf_counter()
     summary = build_cache(lists, Path(config.data.cache_dir), short_side, workers=worker_count(config.data.num_workers))
@@ -407,8 +412,7 @@ def run_check(config) -> dict:
     from dataloaders.checks import check_image_lists, format_check_report
     from evaluation import write_report
 
-    need_test = config.data.format != "folder" or bool(config.data.test_root)
-    train, validation, test = resolve_image_lists(config, need_train=True, need_test=need_test)
+    train, validation, test = resolve_image_lists(config, need_train=True, need_test=has_test_split(config))
     splits = {name: image_list for name, image_list in (("train", train), ("validation", validation), ("test", test))
               if image_list is not None and len(image_list) > 0}
     report = check_image_lists(splits, workers=max(1, worker_count(config.data.num_workers)))

@@ -30,6 +30,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.synthetic_photos import write_sop_like_jpeg  # noqa: E402
 from dataloaders import ImageDataset, ImageList, build_transforms, decode_size, read_folder_tree  # noqa: E402
 from dataloaders.cache import build_cache, use_cache  # noqa: E402
 from dataloaders.transforms import eval_resize_size  # noqa: E402
@@ -57,19 +58,12 @@ class ReferenceDataset(torch.utils.data.Dataset):
         return pixels, int(self.image_list.labels[index]), index
 
 
-def synthetic_jpegs(folder: Path, count: int, size: int = 500, quality: int = 90) -> ImageList:
-    """SOP-like product photos: smooth gradients plus texture, so JPEG sizes are realistic (~100 KB)."""
-    rng = np.random.default_rng(0)
+def synthetic_jpegs(folder: Path, count: int) -> ImageList:
+    """`count` SOP-like 500 x 500 JPEGs (see bench/synthetic_photos.py) in one class folder."""
     (folder / "c").mkdir(parents=True, exist_ok=True)
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    paths = []
-    for i in range(count):
-        base = rng.uniform(0, 255, size=3)
-        pattern = np.sin(x[..., None] * rng.uniform(5, 40) + y[..., None] * rng.uniform(5, 40) + rng.uniform(0, 6, 3))
-        pixels = np.clip(base + 60 * pattern + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
-        path = folder / "c" / f"{i:05d}.jpg"
-        Image.fromarray(pixels).save(path, quality=quality)
-        paths.append(f"c/{i:05d}.jpg")
+    paths = [f"c/{i:05d}.jpg" for i in range(count)]
+    for seed, path in enumerate(paths):
+        write_sop_like_jpeg(str(folder / path), seed)
     return ImageList(folder, tuple(paths), np.zeros(count, dtype=np.int64), np.zeros(count, dtype=np.int64))
 
 

@@ -23,20 +23,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 UNIQUE_IMAGES = 2000
 sys.path.insert(0, str(REPO_ROOT))
 
-
-def write_jpeg(job: tuple[str, int, int]) -> None:
-    path, seed, size = job
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    pattern = np.sin(x[..., None] * rng.uniform(5, 40) + y[..., None] * rng.uniform(5, 40) + rng.uniform(0, 6, 3))
-    pixels = np.clip(rng.uniform(0, 255, 3) + 60 * pattern + rng.normal(0, 12, (size, size, 3)), 0, 255)
-    Image.fromarray(pixels.astype(np.uint8)).save(path, quality=90)
+from bench.synthetic_photos import write_sop_like_jpeg  # noqa: E402
 
 
 def sop_like_dataset(root: Path, num_images: int, size: int, workers: int) -> None:
@@ -53,7 +45,8 @@ def sop_like_dataset(root: Path, num_images: int, size: int, workers: int) -> No
     # Every file is still opened and decoded separately, which is what the loader pays for.
     unique = min(num_images, UNIQUE_IMAGES)
     with ProcessPoolExecutor(workers) as pool:
-        list(pool.map(write_jpeg, [(str(root / p), i, size) for i, p in enumerate(paths[:unique])], chunksize=16))
+        list(pool.map(write_sop_like_jpeg, [str(root / p) for p in paths[:unique]], range(unique), [size] * unique,
+                      chunksize=16))
     for i in range(unique, num_images):
         os.link(root / paths[i % unique], root / paths[i])
     from dataloaders import write_sop_list

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .image_lists import write_sop_list
+
 # Bump when the drawing code changes, so cached datasets from older code are rebuilt.
 GENERATOR_VERSION = 1
 
@@ -87,8 +89,11 @@ def generate_demo_dataset(
             rows.append((class_index + 1, product["shape"] + 1, relative_path))
 
     num_train_classes = num_classes // 2
-    _write_sop_list(tmp / "Ebay_train.txt", [r for r in rows if r[0] <= num_train_classes])
-    _write_sop_list(tmp / "Ebay_test.txt", [r for r in rows if r[0] > num_train_classes])
+    train_rows = [row for row in rows if row[0] <= num_train_classes]
+    test_rows = [row for row in rows if row[0] > num_train_classes]
+    for list_name, split_rows in (("Ebay_train.txt", train_rows), ("Ebay_test.txt", test_rows)):
+        class_ids, super_class_ids, paths = zip(*split_rows)
+        write_sop_list(tmp / list_name, paths, class_ids, super_class_ids)
     params = _params(num_classes, images_per_class, image_size, seed)
     (tmp / "DONE.json").write_text(json.dumps(params, indent=2) + "\n")
 
@@ -127,13 +132,6 @@ def _params(num_classes: int, images_per_class: int, image_size: int, seed: int)
         "image_size": image_size,
         "seed": seed,
     }
-
-
-def _write_sop_list(path: Path, rows: list) -> None:
-    """SOP list format: a header, then `image_id class_id super_class_id path`, image_id 1-based."""
-    lines = ["image_id class_id super_class_id path"]
-    lines += [f"{i} {c} {s} {p}" for i, (c, s, p) in enumerate(rows, start=1)]
-    path.write_text("\n".join(lines) + "\n")
 
 
 def _sample_products(num_classes: int, seed: int) -> list:

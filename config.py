@@ -32,6 +32,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "triplets_per_batch": 16,  # sampler=triplets: a batch holds 3 x this many images
         "num_workers": -1,  # -1 = one per available CPU core
         "cache_dir": "",  # a downsized copy built by `--mode cache` ("" = read the originals)
+        "on_bad_image": "error",  # error (stop, naming the file) | skip (leave it out, count it, list it in the run folder)
+        "startup_check": "full",  # before training, decode every train/validation image (full), read headers only, or none
         "demo_classes": 100,  # format=demo only: size of the generated dataset
         "demo_images_per_class": 12,
     },
@@ -81,6 +83,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("sop", "folder", "demo"),
     "data.sampler": ("pk", "triplets"),
+    "data.on_bad_image": ("error", "skip"),
+    "data.startup_check": ("full", "headers", "none"),
     "train.loss": ("triplet", "contrastive"),
     "train.miner": ("random", "semihard", "batchhard", "all"),
     "train.precision": ("fp32", "bf16", "fp16"),

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,25 +28,39 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+class Embedded(NamedTuple):
+    """What `extract_embeddings` returns: row i of each tensor belongs to the same image."""
+
+    embeddings: torch.Tensor  # (N', D) float32 on the CPU, L2-normalised by the model
+    labels: torch.Tensor  # (N',) int64
+    indices: torch.Tensor  # (N',) int64: position of each row's image in the loader's dataset
+    skipped: list  # [(dataset index, reason, detail), ...]: images that could not be read (skip mode)
+
+
 @torch.inference_mode()
 def extract_embeddings(model: nn.Module, loader, device: torch.device, precision: str,
-                       description: str = "embed") -> tuple[torch.Tensor, torch.Tensor]:
+                       description: str = "embed") -> Embedded:
     """Embed every image of `loader` in order.
 
-    Returns:
-        embeddings: (N, D) float32 on the CPU, L2-normalised by the model.
-        labels: (N,) int64.
+    The loader yields `(images, labels, indices, skipped)` batches (`collate_skipping_bad_images`);
+    N' = N minus the skipped images, and `indices` says which images the rows are.
     """
     was_training = model.training
     model.eval()
-    embeddings, labels = [], []
-    for images, batch_labels, _ in tqdm(loader, desc=description, leave=False, unit="batch"):
+    embeddings, labels, indices, skipped = [], [], [], []
+    for images, batch_labels, batch_indices, batch_skipped in tqdm(loader, desc=description, leave=False, unit="batch"):
+        skipped += batch_skipped
+        if images is None:
+            continue
         with autocast_context(device, precision):
             batch_embeddings = model(images.to(device, non_blocking=True))
         embeddings.append(batch_embeddings.float())  # stays on the device: no sync per batch
         labels.append(batch_labels)
+        indices.append(batch_indices)
     model.train(was_training)
-    return torch.cat(embeddings).cpu(), torch.cat(labels).long()
+    if not embeddings:
+        raise ValueError(f"{description}: no image could be read ({len(skipped)} skipped)")
+    return Embedded(torch.cat(embeddings).cpu(), torch.cat(labels).long(), torch.cat(indices).long(), skipped)
 
 
 def evaluate_embeddings(embeddings: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,

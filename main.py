@@ -31,6 +31,10 @@ class UsageError(Exception):
     """A problem with what the user asked for: printed as one line, exit code 2."""
 
 
+class DataCheckFailed(Exception):
+    """The check before training found unreadable images (data.on_bad_image=error): one line, exit code 1."""
+
+
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Fine-tune and evaluate a Swinv2 image-retrieval model (deep metric learning).",
@@ -105,22 +109,31 @@ def worker_count(configured: int) -> int:
 
 def evaluation_loader(image_list, config, device):
     import torch
-    from dataloaders import ImageDataset, build_transforms, decode_size, ignore_stop_signals
+    from dataloaders import (ImageDataset, build_transforms, collate_skipping_bad_images, decode_size,
+                             ignore_stop_signals)
 
     workers = worker_count(config.data.num_workers)
     size = config.data.image_size
-    dataset = ImageDataset(image_list, build_transforms(size, train=False), decode_size(size, train=False))
+    dataset = ImageDataset(image_list, build_transforms(size, train=False), decode_size(size, train=False),
+                           skip_bad_images=config.data.on_bad_image == "skip")
     return torch.utils.data.DataLoader(dataset, batch_size=config.eval.batch_size, shuffle=False, num_workers=workers,
                                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                       worker_init_fn=ignore_stop_signals)
+                                       worker_init_fn=ignore_stop_signals, collate_fn=collate_skipping_bad_images)
 
 
 def training_loader(image_list, config, device):
     import torch
-    from dataloaders import (ImageDataset, PKBatchSampler, RandomTripletBatchSampler, build_transforms, decode_size,
-                             ignore_stop_signals)
+    from dataloaders import (ImageDataset, PKBatchSampler, RandomTripletBatchSampler, build_transforms,
+                             collate_skipping_bad_images, decode_size, ignore_stop_signals)
 
     data = config.data
+    batch_images = (data.classes_per_batch * data.images_per_class if data.sampler == "pk"
+                    else 3 * data.triplets_per_batch)
+    if batch_images > len(image_list):
+        keys = ("data.classes_per_batch x data.images_per_class" if data.sampler == "pk"
+                else "3 x data.triplets_per_batch")
+        raise UsageError(f"{keys} = {batch_images} images per batch, more than the {len(image_list)} images of the "
+                         f"training split: lower them")
     try:
         if data.sampler == "pk":
             batch_sampler = PKBatchSampler(image_list.labels, data.classes_per_batch, data.images_per_class,
@@ -131,11 +144,82 @@ def training_loader(image_list, config, device):
         raise UsageError(f"training split of {len(image_list)} images: {error}") from None
     workers = worker_count(data.num_workers)
     dataset = ImageDataset(image_list, build_transforms(data.image_size, train=True, min_crop_scale=data.min_crop_scale),
-                           decode_size(data.image_size, train=True, min_crop_scale=data.min_crop_scale))
+                           decode_size(data.image_size, train=True, min_crop_scale=data.min_crop_scale),
+                           skip_bad_images=data.on_bad_image == "skip")
     return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
                                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                                        prefetch_factor=4 if workers > 0 else None, generator=torch.Generator(),
-                                       worker_init_fn=ignore_stop_signals)
+                                       worker_init_fn=ignore_stop_signals, collate_fn=collate_skipping_bad_images)
+
+
+def startup_data_check(config, splits: dict, run_dir: Path, skip_log) -> dict:
+    """Before training: check every train/validation image (data.startup_check), so damage shows now, not in hour three.
+
+    Bad images stop the run (data.on_bad_image=error: exit 1, each named in data_check.json) or are left out
+    of the lists and recorded in the skip log (skip). Returns the splits, without the bad images when skipping.
+    """
+    import numpy as np
+
+    from dataloaders.checks import check_image_lists
+
+    mode = config.data.startup_check
+    if mode == "none":
+        return splits
+    started = time.perf_counter()
+    checked = {name: image_list for name, image_list in splits.items() if len(image_list) > 0}
+    report = check_image_lists(checked, workers=max(1, worker_count(config.data.num_workers)), decode=mode == "full")
+    total = sum(len(image_list) for image_list in checked.values())
+    print(f"data check ({'every image decoded' if mode == 'full' else 'headers only'}; data.startup_check={mode}): "
+          f"{total} images, {report['num_bad_images']} bad, {time.perf_counter() - started:.1f} s")
+    if report["ok"]:
+        return splits
+    from evaluation import write_report
+
+    write_report(report, run_dir / "data_check.json")
+    bad = [(name, item) for name, split in report["splits"].items() for item in split["bad_images"]]
+    if config.data.on_bad_image == "error":
+        name, first = bad[0]
+        raise DataCheckFailed(f"{len(bad)} unreadable image(s) in the training data, first: "
+                              f"{Path(report['splits'][name]['root']) / first['path']}: {first['reason']}; all listed "
+                              f"in {run_dir / 'data_check.json'}. Fix or remove them, or set data.on_bad_image=skip")
+    kept_splits = {}
+    for name, image_list in splits.items():
+        bad_paths = {item["path"] for item in report["splits"].get(name, {}).get("bad_images", [])}
+        if not bad_paths:
+            kept_splits[name] = image_list
+            continue
+        index_by_path = {path: index for index, path in enumerate(image_list.paths)}
+        skip_log.record(name, image_list, [(index_by_path[item["path"]], item["reason"], item["detail"])
+                                           for item in report["splits"][name]["bad_images"]], "startup check")
+        keep = np.array([path not in bad_paths for path in image_list.paths])
+        kept_splits[name] = image_list.subset(np.flatnonzero(keep))
+    print(f"warning: skipping {len(bad)} unreadable image(s) (data.on_bad_image=skip), listed in {skip_log.path}")
+    return kept_splits
+
+
+def prepare_output_dir(path: Path) -> Path:
+    """Create the run folder and prove it writable now, before any data or model is loaded."""
+    import tempfile
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise UsageError(f"output.dir '{path}' is not a writable folder ({error.strerror or error}); "
+                         f"set output.dir to a folder you can write") from None
+    return path
+
+
+def check_ks_fit(config, num_items: int, what: str) -> None:
+    """Recall@k / mAP@k need k <= N - 1 (a query's gallery is every other item); say so before any heavy work."""
+    largest = max(*config.eval.recall_ks, *config.eval.map_ks)
+    if largest > num_items - 1:
+        fitting = ",".join(str(k) for k in config.eval.recall_ks if k <= num_items - 1) or "1"
+        raise UsageError(f"eval.recall_ks / eval.map_ks ask for k = {largest}, but the {what} has {num_items} images, "
+                         f"so each query's gallery holds {num_items - 1}: use k <= {num_items - 1}, "
+                         f"e.g. eval.recall_ks=[{fitting}] eval.map_ks=[]")
 
 
 # ---- shared set-up -----------------------------------------------------------------------------------
@@ -178,6 +262,8 @@ def print_report(title: str, report: dict) -> None:
 # ---- modes -----------------------------------------------------------------------------------------
 def run_train(config, resume: bool, overwrite: bool) -> dict:
     from config import save_config
+    from dataloaders import stop_loader_workers
+    from dataloaders.skipped_images import SKIPPED_IMAGES_FILE, SkippedImageLog
     from evaluation import evaluate_embeddings, extract_embeddings
     from model import apply_speed_options, build_embedder
     from objective import MetricLearningObjective
@@ -193,13 +279,15 @@ def run_train(config, resume: bool, overwrite: bool) -> dict:
         raise UsageError(f"--resume: no {last} to resume from")
     # Checked before anything is written, so a refused resume leaves the run folder as it was.
     resumed_from = refuse_mismatched_checkpoint(last, config) if resume else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(run_dir, os.W_OK):
-        raise UsageError(f"output.dir '{run_dir}' is not writable")
-    if not resume:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # --overwrite: a fresh run gets a fresh log
+    prepare_output_dir(run_dir)
+    if not resume:  # --overwrite: a fresh run gets fresh logs
+        for name in ("metrics.jsonl", SKIPPED_IMAGES_FILE, "data_check.json"):
+            (run_dir / name).unlink(missing_ok=True)
 
     train_list, val_list, _ = resolve_image_lists(config, need_train=True, need_test=False)
+    skip_log = SkippedImageLog(run_dir / SKIPPED_IMAGES_FILE)
+    lists = startup_data_check(config, {"train": train_list, "validation": val_list}, run_dir, skip_log)
+    train_list, val_list = lists["train"], lists["validation"]
     device = select_device(config.train.device)
     configure_matmul_precision(device, config.train.tf32)
     seed_everything(config.train.seed)
@@ -210,14 +298,17 @@ def run_train(config, resume: bool, overwrite: bool) -> dict:
           f"validation: {len(val_list)} images / {val_list.num_classes} classes; "
           f"{len(train_loader)} batches per epoch; device {device}")
 
-    validate = None
+    validate, val_loader = None, None
     if len(val_list) >= 2:
         val_loader = evaluation_loader(val_list, config, device)
+        # Validation picks best.pt by Recall@1; a k beyond a small validation split's gallery is left out.
+        val_recall_ks = [k for k in config.eval.recall_ks if k <= len(val_list) - 1] or [1]
 
         def validate(trained_model):
-            embeddings, labels = extract_embeddings(trained_model, val_loader, device, config.train.precision, "validate")
-            return evaluate_embeddings(embeddings, labels, config.eval.recall_ks, config.eval.backend, str(device),
-                                       config.eval.memory_gb)
+            embedded = extract_embeddings(trained_model, val_loader, device, config.train.precision, "validate")
+            skip_log.record("validation", val_list, embedded.skipped, "validation")
+            return evaluate_embeddings(embedded.embeddings, embedded.labels, val_recall_ks, config.eval.backend,
+                                       str(device), config.eval.memory_gb)
     else:
         print("no validation classes (data.val_fraction=0): best.pt will be the last epoch")
 
@@ -239,13 +330,14 @@ def run_train(config, resume: bool, overwrite: bool) -> dict:
     }
     trainer = Trainer(model, objective, optimizer, scheduler, train_loader, validate, device, config.train.precision,
                       config.train.grad_clip, config.train.epochs, config.train.patience, run_dir, tracker,
-                      config.train.seed, checkpoint_extra)
+                      config.train.seed, checkpoint_extra, skip_log=skip_log)
     if resumed_from is not None:
         trainer.resume(resumed_from, last)
     try:
         summary = trainer.fit()
     finally:
         tracker.finish()
+        stop_loader_workers(train_loader, val_loader)
     if trainer.is_main:
         from visualize import plot_validation_curve
 
@@ -253,6 +345,9 @@ def run_train(config, resume: bool, overwrite: bool) -> dict:
         if curve is not None:
             print(f"picture written to {curve}")
     print(f"done: best validation recall@1 {100 * summary['best_val_recall@1']:.2f}%; checkpoints in {run_dir}")
+    if skip_log.count():
+        print(f"warning: {skip_log.count()} unreadable image(s) were skipped {skip_log.counts_by_reason()}, "
+              f"listed in {skip_log.path}")
     return summary
 
 
@@ -329,6 +424,7 @@ def run_eval_embeddings(config, embeddings_path: Path, labels_path: Path, output
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or len(labels) != len(embeddings):
         raise UsageError(f"--labels must be a 1-D integer array of length {len(embeddings)}; "
                          f"got shape {labels.shape}, dtype {labels.dtype}")
+    check_ks_fit(config, len(labels), "embedding set")
     # Inner product ranks like cosine only for unit vectors: normalise whatever was given.
     norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
     embeddings = (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)
@@ -346,35 +442,52 @@ def run_eval_embeddings(config, embeddings_path: Path, labels_path: Path, output
 def run_eval(config, checkpoint_arg, output: Path | None, visualize: int = 0) -> dict:
     import numpy as np
 
+    from dataloaders import stop_loader_workers
+    from dataloaders.skipped_images import SKIPPED_IMAGES_FILE, SkippedImageLog
     from evaluation import evaluate_embeddings, extract_embeddings, write_report
     from tracking import Tracker
 
     device = select_device(config.train.device)
+    run_dir = prepare_output_dir(Path(config.output.dir))
     _, _, test_list = resolve_image_lists(config, need_train=False, need_test=True)
+    check_ks_fit(config, len(test_list), "test split")
     configure_matmul_precision(device, config.train.tf32)
     model, description = load_model_for_eval(config, checkpoint_arg, device)
     loader = evaluation_loader(test_list, config, device)
     started = time.perf_counter()
-    embeddings, labels = extract_embeddings(model, loader, device, config.train.precision, "embed test set")
+    try:
+        embedded = extract_embeddings(model, loader, device, config.train.precision, "embed test set")
+    finally:
+        stop_loader_workers(loader)
     seconds_embed = time.perf_counter() - started
-    super_labels = test_list.super_labels if config.data.format != "folder" else None
+    # Skipped images (data.on_bad_image=skip) are left out of the gallery and the queries: every row below
+    # is one image that was read, and `evaluated` maps the rows back to the test list.
+    evaluated = embedded.indices.numpy()
+    embeddings, labels = embedded.embeddings, embedded.labels
+    super_labels = test_list.super_labels[evaluated] if config.data.format != "folder" else None
     report = evaluate_embeddings(embeddings, labels, config.eval.recall_ks, config.eval.backend, str(device),
                                  config.eval.memory_gb, config.eval.map_ks, super_labels)
-    report.update(seconds_embed=round(seconds_embed, 3), model=description, split="test")
+    report.update(seconds_embed=round(seconds_embed, 3), model=description, split="test",
+                  num_images_listed=len(test_list), num_images_skipped=len(embedded.skipped))
 
-    run_dir = Path(config.output.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     prefix = "untrained_" if checkpoint_arg == "none" else ""
-    # Row i of the embeddings is image i of this list: kept together so the index can be served later.
+    if embedded.skipped:
+        skip_log = SkippedImageLog(run_dir / SKIPPED_IMAGES_FILE)
+        skip_log.record("test", test_list, embedded.skipped, f"{prefix}eval")
+        print(f"warning: {len(embedded.skipped)} of {len(test_list)} test images could not be read and were left out "
+              f"(data.on_bad_image=skip; listed in {skip_log.path}): the metrics cover the other {len(labels)}",
+              file=sys.stderr)
+    # Row i of the embeddings is image i of test_paths.txt: kept together so the index can be served later.
     np.save(run_dir / f"{prefix}test_embeddings.npy", embeddings.numpy())
     np.save(run_dir / f"{prefix}test_labels.npy", labels.numpy())
-    (run_dir / f"{prefix}test_paths.txt").write_text("".join(f"{path}\n" for path in test_list.paths))
+    evaluated_paths = [test_list.paths[index] for index in evaluated]
+    (run_dir / f"{prefix}test_paths.txt").write_text("".join(f"{path}\n" for path in evaluated_paths))
     output = output or run_dir / f"{prefix}report.json"
     write_report(report, output)
     print_report(f"test: {description}", report)
     print(f"report written to {output}")
     pictures = save_pictures(run_dir, prefix, f"test: {description}", report, embeddings, labels,
-                             [test_list.root / path for path in test_list.paths], visualize, config.train.seed)
+                             [test_list.root / path for path in evaluated_paths], visualize, config.train.seed)
     tracker = Tracker(run_dir, config.wandb.mode, config.wandb.project, config.wandb.entity, config.wandb.run_name,
                       config.to_dict(), job_type="eval")
     scalars = {f"test/{k}": v for k, v in report.items() if isinstance(v, (int, float))}
@@ -415,9 +528,10 @@ def run_check(config) -> dict:
     train, validation, test = resolve_image_lists(config, need_train=True, need_test=has_test_split(config))
     splits = {name: image_list for name, image_list in (("train", train), ("validation", validation), ("test", test))
               if image_list is not None and len(image_list) > 0}
+    run_dir = prepare_output_dir(Path(config.output.dir))
     report = check_image_lists(splits, workers=max(1, worker_count(config.data.num_workers)))
     print(format_check_report(report))
-    report_path = Path(config.output.dir) / "data_check.json"
+    report_path = run_dir / "data_check.json"
     write_report(report, report_path)
     print(f"report written to {report_path}")
     return report
@@ -467,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as error:  # known data/model errors carry one-line messages
-        from dataloaders import DataFormatError
+        from dataloaders import BadImageError, DataFormatError
         from dataloaders.cache import CacheError
         from model import BackboneLoadError
         from trainer import NonFiniteLossError, TrainingInterrupted
@@ -475,9 +589,14 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, TrainingInterrupted):
             print(f"interrupted: {error}", file=sys.stderr)
             return EXIT_INTERRUPTED
-        if arguments.debug or not isinstance(error, (DataFormatError, BackboneLoadError, NonFiniteLossError, CacheError)):
+        known = (DataFormatError, DataCheckFailed, BadImageError, BackboneLoadError, NonFiniteLossError, CacheError)
+        if arguments.debug or not isinstance(error, known):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        if isinstance(error, BadImageError):  # raised in a loader worker: its message is the worker's traceback
+            print(f"error: unreadable image {error.one_line()}; run --mode check to list every bad image, "
+                  f"or set data.on_bad_image=skip to leave such images out", file=sys.stderr)
+        else:
+            print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
 

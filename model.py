@@ -139,13 +139,15 @@ def embedder_from_backbone_config(backbone_config: dict, embedding_dim: int, mea
 
 
 def apply_speed_options(model: Embedder, attention: str = "eager", grad_checkpointing: bool = False,
-                        compile_backbone: bool = False) -> Embedder:
+                        compile_backbone: bool = False, compile_backend="inductor") -> Embedder:
     """Switches that change speed and memory, never the weights or the state_dict keys.
 
     attention `sdpa`: transformers' eager Swinv2 attention replaced by a numerically equivalent
     scaled_dot_product_attention module (swinv2_attention.py). grad_checkpointing: recompute block
     activations in the backward pass. compile_backbone: torch.compile, in place (Module.compile keeps
-    the parameter names, so checkpoints stay interchangeable).
+    the parameter names, so checkpoints stay interchangeable). compile_backend: torch.compile's backend;
+    tests use "aot_eager" (the same graph capture and autograd tracing, without inductor's minutes of code
+    generation on a CPU).
     """
     if attention == "sdpa":
         from swinv2_attention import use_sdpa_attention
@@ -156,5 +158,5 @@ def apply_speed_options(model: Embedder, attention: str = "eager", grad_checkpoi
         enable = getattr(model.backbone, "activation_checkpointing_enable", None) or model.backbone.gradient_checkpointing_enable
         enable()
     if compile_backbone:
-        model.backbone.compile()
+        model.backbone.compile(backend=compile_backend)
     return model

@@ -96,12 +96,14 @@ class Trainer:
             validation classes; None when there is no validation split (then last.pt is also best.pt).
         checkpoint_extra: what eval needs to rebuild the model without the hub (config, backbone config...).
         is_main: only the main process logs, prints progress and writes files.
+        skip_log: a `dataloaders.SkippedImageLog` that records training images the loader skipped as
+            unreadable (`data.on_bad_image=skip`); None when the loader never skips.
     """
 
     def __init__(self, model: nn.Module, objective, optimizer, scheduler, train_loader,
                  validate: Callable[[nn.Module], dict] | None, device: torch.device, precision: str,
                  grad_clip: float, epochs: int, patience: int, run_dir: Path, tracker, seed: int,
-                 checkpoint_extra: dict, is_main: bool = True):
+                 checkpoint_extra: dict, is_main: bool = True, skip_log=None):
         self.model, self.objective = model, objective
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.validate = train_loader, validate
@@ -109,6 +111,7 @@ class Trainer:
         self.epochs, self.patience = epochs, patience
         self.run_dir, self.tracker, self.seed = Path(run_dir), tracker, seed
         self.checkpoint_extra, self.is_main = checkpoint_extra, is_main
+        self.skip_log = skip_log
         # GradScaler matters only for fp16; disabled it is a pass-through, so the step has one code path.
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.epoch = 0  # epochs completed
@@ -154,7 +157,12 @@ class Trainer:
         progress = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", unit="batch", initial=start,
                         total=len(sampler), disable=not self.is_main, dynamic_ncols=True)
         total_loss, total_images, started = 0.0, 0, time.perf_counter()
-        for step_in_epoch, (images, labels, _) in enumerate(progress, start=start + 1):
+        for step_in_epoch, (images, labels, _, skipped) in enumerate(progress, start=start + 1):
+            if skipped:
+                self._note_skipped(skipped)
+            if images is None:  # every image of the batch was unreadable: nothing to learn from
+                self.batches_done_in_epoch = step_in_epoch
+                continue
             loss, num_triplets = self.train_step(images, labels)
             self.batches_done_in_epoch = step_in_epoch
             total_loss += loss
@@ -173,6 +181,12 @@ class Trainer:
         steps_run = len(sampler) - start
         return {"train/epoch_loss": total_loss / max(1, steps_run), "train/epoch_seconds": seconds,
                 "train/epoch_images_per_second": total_images / seconds if seconds > 0 else 0.0}
+
+    def _note_skipped(self, skipped: list) -> None:
+        new = self.skip_log.record("train", self.train_loader.dataset.image_list, skipped, f"epoch {self.epoch + 1}")
+        if new and self.is_main:
+            tqdm.write(f"warning: skipped {new} unreadable training image(s) (data.on_bad_image=skip); "
+                       f"{self.skip_log.count('train')} so far, listed in {self.skip_log.path}")
 
     def stop_at_step_boundary(self) -> None:
         """Save last.pt (mid-epoch position included) and raise TrainingInterrupted."""

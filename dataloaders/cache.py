@@ -16,8 +16,9 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 
+from .image_files import load_rgb_image
 from .image_lists import ImageList
 
 MANIFEST = "CACHE.json"
@@ -31,9 +32,7 @@ def _shrink_one(job: tuple[str, str, int, int]) -> str | None:
     """Re-encode one image; returns an error string instead of raising (reported together at the end)."""
     source, target, short_side, quality = job
     try:
-        with Image.open(source) as image:
-            image.draft("RGB", (short_side, short_side))
-            image = ImageOps.exif_transpose(image).convert("RGB")
+        image = load_rgb_image(Path(source), draft_size=short_side)
         scale = short_side / min(image.size)
         if scale < 1:
             image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)

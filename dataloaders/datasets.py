@@ -2,44 +2,75 @@
 
 import signal
 from collections.abc import Callable
+from typing import NamedTuple
 
-from PIL import Image, ImageOps
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import Dataset, default_collate
 
+from .image_files import BadImageError, bad_image_message, describe_image_error, load_rgb_image
 from .image_lists import ImageList
+
+
+class SkippedImage(NamedTuple):
+    """Stands in for the image of an item that could not be read, when bad images are skipped."""
+
+    reason: str
+    detail: str
 
 
 class ImageDataset(Dataset):
     """Items `(image, label, index)` of an ImageList.
 
-    image: whatever `transform` returns for an upright RGB PIL image (with `build_transforms`, uint8
-    [3, S, S]). Photos are rotated by their EXIF orientation first, so a phone picture stored sideways
-    is seen upright, as in a viewer. Grey, palette and RGBA images become RGB (alpha dropped).
+    image: whatever `transform` returns for the upright RGB picture of `image_files.load_rgb_image`
+    (EXIF rotation applied; grey, CMYK, palette, 16-bit converted; transparency on white). With
+    `build_transforms`, uint8 [3, S, S].
     label: int class label. index: int position in the list, so a caller can match embeddings back to
     files and spot two views of the same image in a batch.
 
     The transform is built once by the caller and shared by every item (and every worker).
     decode_size: when set, JPEGs are decoded at reduced scale, keeping a short side >= decode_size
     (see `transforms.decode_size`).
+    skip_bad_images: an image that cannot be read (missing, empty, truncated, too large...) raises
+    `BadImageError` naming the file (False), or comes back as a `SkippedImage(reason, detail)` in place
+    of the image (True), which `collate_skipping_bad_images` drops from the batch and reports.
     """
 
-    def __init__(self, image_list: ImageList, transform: Callable, decode_size: int | None = None) -> None:
+    def __init__(self, image_list: ImageList, transform: Callable, decode_size: int | None = None,
+                 skip_bad_images: bool = False) -> None:
         self.image_list = image_list
         self.transform = transform
         self.decode_size = decode_size
+        self.skip_bad_images = skip_bad_images
 
     def __len__(self) -> int:
         return len(self.image_list)
 
     def __getitem__(self, index: int):
         path = self.image_list.root / self.image_list.paths[index]
-        with Image.open(path) as image:
-            if self.decode_size:
-                # JPEG only: decode at 1/2, 1/4 or 1/8 scale when the result still has a short side of
-                # at least decode_size. Much cheaper than decoding at full size and resizing down.
-                image.draft("RGB", (self.decode_size, self.decode_size))
-            image = ImageOps.exif_transpose(image).convert("RGB")
-        return self.transform(image), int(self.image_list.labels[index]), int(index)
+        label = int(self.image_list.labels[index])
+        try:
+            image = load_rgb_image(path, self.decode_size)
+        except Exception as error:  # noqa: BLE001 - any decoder error means this file is bad; name it
+            reason, detail = describe_image_error(path, error)
+            if not self.skip_bad_images:
+                raise BadImageError(bad_image_message(path, reason, detail)) from None
+            return SkippedImage(reason, detail), label, int(index)
+        return self.transform(image), label, int(index)
+
+
+def collate_skipping_bad_images(items: list[tuple]) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list]:
+    """Batch `(image, label, index)` items, leaving out those whose image is a `SkippedImage`.
+
+    Returns (images [B', ...] or None when every item was skipped, labels [B'], indices [B'],
+    skipped = [(index, reason, detail), ...]). Each kept label travels with its own image and index, so
+    a skipped item never shifts another item's label.
+    """
+    kept = [item for item in items if not isinstance(item[0], SkippedImage)]
+    skipped = [(index, image.reason, image.detail) for image, _, index in items if isinstance(image, SkippedImage)]
+    if not kept:
+        return None, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped
+    images, labels, indices = default_collate(kept)
+    return images, labels, indices, skipped
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -50,3 +81,19 @@ def ignore_stop_signals(worker_id: int) -> None:
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def stop_loader_workers(*loaders) -> None:
+    """Shut down the persistent worker processes of DataLoaders now, however the run ended.
+
+    Needed because workers ignore SIGTERM (`ignore_stop_signals`): when a run ends by an exception, the
+    loader's iterator lives on in the traceback's reference cycle, and at exit multiprocessing's
+    terminate() (a SIGTERM) cannot stop the workers, so its join() would wait forever. (PyTorch cleans
+    persistent workers up at exit itself only when pin_memory is on.) Uses the DataLoader's private
+    `_iterator`, the documented home of persistent workers, since there is no public close().
+    """
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            loader._iterator = None

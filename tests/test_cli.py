@@ -12,7 +12,7 @@ import main
 from conftest import REPO_ROOT
 from trainer import load_checkpoint
 
-REPORT_KEYS = {"recall@1", "recall@10", "recall@100", "recall@1000", "map@r", "r_precision", "mrr", "num_queries"}
+REPORT_KEYS = {"recall@1", "map@r", "r_precision", "mrr", "num_queries"}
 
 
 def demo_overrides(tmp_path, **extra):
@@ -20,6 +20,7 @@ def demo_overrides(tmp_path, **extra):
         "data.root": tmp_path / "demo_data", "data.demo_classes": 8, "data.demo_images_per_class": 4,
         "data.image_size": 32, "data.val_fraction": 0.25, "data.classes_per_batch": 3, "data.images_per_class": 2,
         "train.epochs": 2, "output.dir": tmp_path / "run", "wandb.mode": "disabled",
+        "eval.recall_ks": "[1,2,4]", "eval.map_ks": "[4]",  # 16 test images: every k must be <= 15
     }
     values.update(extra)
     return [f"{key}={value}" for key, value in values.items()]
@@ -64,16 +65,17 @@ def test_eval_of_precomputed_embeddings_matches_brute_force_with_ties_and_duplic
     np.save(tmp_path / "e.npy", embeddings)
     np.save(tmp_path / "l.npy", labels)
     code = run_cli("--mode", "eval", "--embeddings", tmp_path / "e.npy", "--labels", tmp_path / "l.npy",
-                   "--output", tmp_path / "report.json", "eval.backend=torch")
+                   "--output", tmp_path / "report.json", "eval.backend=torch", "eval.recall_ks=[1,10,59]",
+                   "eval.map_ks=[]")
     assert code == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    assert REPORT_KEYS <= set(report)
+    assert REPORT_KEYS | {"recall@10", "recall@59"} <= set(report)
     expected, counted = brute_force_metrics(embeddings.astype(np.float64), labels)
     assert report["num_queries"] == counted < 60
     assert report["num_queries_without_relevant"] == 60 - counted
     for key, value in expected.items():
         assert report[key] == pytest.approx(value, abs=1e-6), key
-    assert report["recall@100"] == report["recall@1000"] == 1.0  # k >= N - 1 retrieves everything
+    assert report["recall@59"] == 1.0  # k = N - 1 retrieves everything
 
 
 def test_train_writes_run_folder_then_resume_restores_optimiser_and_epoch(tmp_path):
@@ -137,8 +139,9 @@ def test_eval_of_checkpoint_and_of_untrained_model_write_reports(tmp_path):
     trained = json.loads((tmp_path / "run" / "report.json").read_text())
     untrained = json.loads((tmp_path / "run" / "untrained_report.json").read_text())
     for report in (trained, untrained):
-        assert REPORT_KEYS <= set(report)
+        assert REPORT_KEYS | {"recall@2", "recall@4", "map@4"} <= set(report)
         assert all(0.0 <= report[key] <= 1.0 for key in REPORT_KEYS - {"num_queries"})
+        assert report["num_images_listed"] == 16 and report["num_images_skipped"] == 0
         assert report["num_queries"] == 16  # 4 test classes x 4 images
     assert np.load(tmp_path / "run" / "test_embeddings.npy").shape == (16, 64)
     paths = (tmp_path / "run" / "test_paths.txt").read_text().splitlines()
@@ -191,7 +194,6 @@ def test_checkpoint_from_another_model_definition_is_refused_with_the_difference
     assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml", "--resume", *changed) == 2
     assert "model.embedding_dim: 64 in the checkpoint, 32 now" in capsys.readouterr().err
     assert "embedding_dim: 64" in (tmp_path / "run" / "config.yaml").read_text()  # the run's config untouched
-    assert run_cli("--mode", "eval", "--config", REPO_ROOT / "configs/demo.yaml", *overrides[:-1], "data.image_size=48",
-                   "wandb.mode=disabled") == 2
+    assert run_cli("--mode", "eval", "--config", REPO_ROOT / "configs/demo.yaml", *overrides, "data.image_size=48") == 2
     assert "data.image_size: 32 in the checkpoint, 48 now" in capsys.readouterr().err
     assert (tmp_path / "run" / "last.pt").read_bytes() == before

@@ -89,3 +89,36 @@ def test_speed_options_keep_state_dict_keys_and_outputs():
     out_switched.sum().backward()
     for (name, a), b in zip(plain.named_parameters(), switched.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+def test_compiled_backbone_gives_the_same_loss_and_gradients_as_the_plain_one():
+    """train.compile: torch.compile's graph capture and autograd tracing (backend aot_eager on the CPU;
+    inductor's code generation is exercised by bench/train_bench.py on a GPU) change nothing numerically."""
+    from model import apply_speed_options
+    from objective import MetricLearningObjective
+
+    torch.manual_seed(0)
+    plain = build_embedder("tiny", 64, 8).eval()  # eval: no stochastic depth, so both draw nothing
+    compiled = embedder_from_backbone_config(plain.backbone.config.to_dict(), 8)
+    compiled.load_state_dict(plain.state_dict())
+    apply_speed_options(plain, attention="sdpa")
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+    captured_graphs = []
+
+    def counting_aot_eager(graph_module, example_inputs):
+        captured_graphs.append(graph_module)
+        return aot_eager(graph_module, example_inputs)
+
+    apply_speed_options(compiled.eval(), attention="sdpa", compile_backbone=True, compile_backend=counting_aot_eager)
+    assert list(compiled.state_dict()) == list(plain.state_dict())  # checkpoints stay interchangeable
+    pixels = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    losses = []
+    for model in (plain, compiled):
+        loss, _ = MetricLearningObjective("triplet", "all", 0.5, 0.0, 0.5, seed=0)(model(pixels), labels)
+        loss.backward()
+        losses.append(loss.item())
+    assert captured_graphs  # the backbone really ran as compiled graphs
+    assert losses[0] > 0 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for (name, a), b in zip(plain.named_parameters(), compiled.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name

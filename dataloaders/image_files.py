@@ -1,0 +1,112 @@
+"""Opening one image file: as an upright 8-bit RGB picture, or with a precise reason why not.
+
+Every path that decodes images (training and evaluation items, the data check, the cache builder) goes
+through `load_rgb_image`, so a file is read the same way everywhere, and `describe_image_error` names the
+failure the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Reasons an image is bad, as they appear in reports and skip lists.
+MISSING, EMPTY, NOT_AN_IMAGE, TRUNCATED, CORRUPT, TOO_LARGE = (
+    "missing", "empty", "not_an_image", "truncated", "corrupt", "too_large",
+)
+ALPHA_BACKGROUND = (255, 255, 255)  # what a viewer shows behind transparent pixels on a white page
+
+
+class BadImageError(OSError):
+    """An image could not be read; the message is `PATH: reason (detail)`.
+
+    A DataLoader worker re-raises this in the main process as `BadImageError(<worker traceback>)`,
+    whose last line is `...BadImageError: PATH: reason (detail)`; `one_line` recovers that line.
+    """
+
+    def one_line(self) -> str:
+        last = str(self).strip().splitlines()[-1] if str(self).strip() else ""
+        marker = "BadImageError: "
+        return last.split(marker, 1)[1] if marker in last else last
+
+
+def load_rgb_image(path: Path, draft_size: int | None = None, decode: bool = True) -> Image.Image:
+    """The image at `path` as an upright RGB PIL image; raises on any problem (see `describe_image_error`).
+
+    - EXIF orientation is applied, so a phone photo stored sideways comes out as a viewer shows it.
+    - Grey, 1-bit, CMYK and YCbCr become RGB; 16-bit and 32-bit grey is scaled to 8 bits (PIL's own
+      conversion would clip everything above 255 to white); transparent pixels are composited on white.
+    - A file with more pixels than PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`) raises, also
+      below the 2x limit where PIL only warns: no real photo comes near it.
+    - draft_size: JPEGs are decoded at 1/2, 1/4 or 1/8 scale when the short side stays >= draft_size
+      (much cheaper than decoding at full size and resizing down).
+    - decode=False: only the header is read (format, size, pixel limit) and the file is returned
+      undecoded; for quick checks.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(path)
+        if not decode:
+            image.close()
+            return image
+        with image:
+            if draft_size:
+                image.draft("RGB", (draft_size, draft_size))
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        image = _high_depth_to_8_bit(image)
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if not has_alpha:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _high_depth_to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit / 32-bit integer or float grey -> 8-bit grey, keeping the tones.
+
+    Integers above 255 are read as 16-bit (0..65535), the depth real photos and scans use; floats in
+    [0, 1] are read as fractions of white. Anything else is clipped.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F" and values.size and values.max() <= 1.0:
+        values = values * 255.0
+    elif image.mode.startswith("I;16") or (values.size and values.max() > 255):
+        values = values / 257.0  # 65535 -> 255
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+
+
+def describe_image_error(path: Path, error: BaseException) -> tuple[str, str]:
+    """(reason, detail) for a failure of `load_rgb_image(path)`.
+
+    Reasons: "missing" (no such file, or not a regular file), "empty" (zero bytes), "not_an_image" (PIL
+    does not recognise the format), "too_large" (decompression-bomb limit), "truncated" (the data ends
+    early), "corrupt" (any other decoding error; the detail keeps the exception's type and message).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as stat_error:
+        return MISSING, f"{type(stat_error).__name__}: {stat_error.strerror or stat_error}"
+    if not path.is_file():
+        return MISSING, "not a regular file"
+    if size == 0:
+        return EMPTY, "0 bytes"
+    if isinstance(error, UnidentifiedImageError):
+        return NOT_AN_IMAGE, str(error)
+    if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return TOO_LARGE, str(error)
+    message = f"{type(error).__name__}: {error}"
+    return (TRUNCATED if "truncated" in message.lower() else CORRUPT), message
+
+
+def bad_image_message(path: Path, reason: str, detail: str) -> str:
+    return f"{path}: {reason} ({detail})"

@@ -1,0 +1,51 @@
+"""The run folder's record of images left out because they could not be read (`data.on_bad_image=skip`)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from .image_lists import ImageList
+
+SKIPPED_IMAGES_FILE = "skipped_images.jsonl"
+
+
+class SkippedImageLog:
+    """Appends one JSON line per skipped image to `path`, once per (split, image path), and counts them.
+
+    A line: {"split": "train", "path": "<relative to the split's root>", "reason": "truncated",
+    "detail": "...", "when": "startup check" | "epoch 3" | ...}. Lines already in the file (a resumed
+    run) are read back, so an image is listed once however often it is met. path=None keeps the record
+    in memory only (no run folder, e.g. in tests or on a non-main process).
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.entries: dict[tuple[str, str], dict] = {}
+        if self.path is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    entry = json.loads(line)
+                    self.entries[(entry["split"], entry["path"])] = entry
+
+    def record(self, split: str, image_list: ImageList, skipped: list[tuple[int, str, str]], when: str) -> int:
+        """Note `skipped` = [(index into image_list, reason, detail), ...]; returns how many were new."""
+        new_entries = []
+        for index, reason, detail in skipped:
+            relative_path = image_list.paths[index]
+            if (split, relative_path) not in self.entries:
+                entry = {"split": split, "path": relative_path, "reason": reason, "detail": detail, "when": when}
+                self.entries[(split, relative_path)] = entry
+                new_entries.append(entry)
+        if new_entries and self.path is not None:
+            with open(self.path, "a") as stream:
+                stream.writelines(json.dumps(entry) + "\n" for entry in new_entries)
+        return len(new_entries)
+
+    def count(self, split: str | None = None) -> int:
+        return sum(1 for entry_split, _ in self.entries if split is None or entry_split == split)
+
+    def counts_by_reason(self, split: str | None = None) -> dict[str, int]:
+        return dict(Counter(entry["reason"] for (entry_split, _), entry in self.entries.items()
+                            if split is None or entry_split == split))

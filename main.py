@@ -214,7 +214,7 @@ def prepare_output_dir(path: Path) -> Path:
 
 def check_ks_fit(config, num_items: int, what: str) -> None:
     """Recall@k / mAP@k need k <= N - 1 (a query's gallery is every other item); say so before any heavy work."""
-    largest = max(*config.eval.recall_ks, *config.eval.map_ks)
+    largest = max([*config.eval.recall_ks, *config.eval.map_ks])
     if largest > num_items - 1:
         fitting = ",".join(str(k) for k in config.eval.recall_ks if k <= num_items - 1) or "1"
         raise UsageError(f"eval.recall_ks / eval.map_ks ask for k = {largest}, but the {what} has {num_items} images, "
@@ -288,19 +288,23 @@ def run_train(config, resume: bool, overwrite: bool) -> dict:
     skip_log = SkippedImageLog(run_dir / SKIPPED_IMAGES_FILE)
     lists = startup_data_check(config, {"train": train_list, "validation": val_list}, run_dir, skip_log)
     train_list, val_list = lists["train"], lists["validation"]
+    if resumed_from is not None:
+        refuse_changed_training_list(resumed_from, train_list, last)
     device = select_device(config.train.device)
     configure_matmul_precision(device, config.train.tf32)
+    # Loaders first: an impossible batch size is refused before a backbone is downloaded or built.
+    # (Building a DataLoader starts no worker and draws from no global RNG.)
+    train_loader = training_loader(train_list, config, device)
+    val_loader = evaluation_loader(val_list, config, device) if len(val_list) >= 2 else None
     seed_everything(config.train.seed)
     model = build_embedder(config.model.backbone, config.data.image_size, config.model.embedding_dim).to(device)
     apply_speed_options(model, config.model.attention, config.train.grad_checkpointing, config.train.compile)
-    train_loader = training_loader(train_list, config, device)
     print(f"train: {len(train_list)} images / {train_list.num_classes} classes; "
           f"validation: {len(val_list)} images / {val_list.num_classes} classes; "
           f"{len(train_loader)} batches per epoch; device {device}")
 
-    validate, val_loader = None, None
-    if len(val_list) >= 2:
-        val_loader = evaluation_loader(val_list, config, device)
+    validate = None
+    if val_loader is not None:
         # Validation picks best.pt by Recall@1; a k beyond a small validation split's gallery is left out.
         val_recall_ks = [k for k in config.eval.recall_ks if k <= len(val_list) - 1] or [1]
 
@@ -327,6 +331,7 @@ def run_train(config, resume: bool, overwrite: bool) -> dict:
         "backbone_config_json": model.backbone.config.to_json_string(),
         "embedding_dim": config.model.embedding_dim,
         "normalisation": {"mean": model.input_mean, "std": model.input_std},
+        "train_list": training_list_identity(train_list),
     }
     trainer = Trainer(model, objective, optimizer, scheduler, train_loader, validate, device, config.train.precision,
                       config.train.grad_clip, config.train.epochs, config.train.patience, run_dir, tracker,
@@ -362,6 +367,24 @@ def refuse_mismatched_checkpoint(path: Path, config) -> dict:
         raise UsageError(f"checkpoint {path} does not match this config ({'; '.join(differences)}): "
                          f"use the run's own config.yaml, or another output.dir")
     return checkpoint
+
+
+def training_list_identity(train_list) -> dict:
+    """Size and digest of the training list (paths and labels) that the epoch plans are drawn from."""
+    import hashlib
+
+    digest = hashlib.sha256("\n".join(train_list.paths).encode())
+    digest.update(train_list.labels.tobytes())
+    return {"num_images": len(train_list), "sha256": digest.hexdigest()}
+
+
+def refuse_changed_training_list(checkpoint: dict, train_list, path: Path) -> None:
+    """A resumed run must draw its batches from the list it started with, or the epoch plan breaks off."""
+    saved = checkpoint.get("train_list")  # absent in checkpoints from before this check
+    if saved is not None and saved != training_list_identity(train_list):
+        raise UsageError(f"the training list differs from the one {path} was trained on ({saved['num_images']} "
+                         f"images then, {len(train_list)} now): files changed or went bad, or data.startup_check / "
+                         f"data.on_bad_image changed. Restore them to resume, or start afresh with --overwrite")
 
 
 def load_model_for_eval(config, checkpoint_arg, device):
@@ -584,12 +607,13 @@ def main(argv: list[str] | None = None) -> int:
         from dataloaders import BadImageError, DataFormatError
         from dataloaders.cache import CacheError
         from model import BackboneLoadError
-        from trainer import NonFiniteLossError, TrainingInterrupted
+        from trainer import NonFiniteLossError, NoTrainingImagesError, TrainingInterrupted
 
         if isinstance(error, TrainingInterrupted):
             print(f"interrupted: {error}", file=sys.stderr)
             return EXIT_INTERRUPTED
-        known = (DataFormatError, DataCheckFailed, BadImageError, BackboneLoadError, NonFiniteLossError, CacheError)
+        known = (DataFormatError, DataCheckFailed, BadImageError, BackboneLoadError, NonFiniteLossError, CacheError,
+                 NoTrainingImagesError)
         if arguments.debug or not isinstance(error, known):
             raise
         if isinstance(error, BadImageError):  # raised in a loader worker: its message is the worker's traceback

@@ -26,6 +26,10 @@ class TrainingInterrupted(Exception):
     """SIGTERM or SIGINT arrived: last.pt holds the state at the step boundary where training stopped."""
 
 
+class NoTrainingImagesError(RuntimeError):
+    """A whole epoch's images were unreadable and skipped: nothing would ever be learned."""
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; nothing from that step was applied or saved."""
 
@@ -156,29 +160,31 @@ class Trainer:
         self.train_loader.generator.manual_seed(self.seed * 100_003 + self.epoch)
         progress = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", unit="batch", initial=start,
                         total=len(sampler), disable=not self.is_main, dynamic_ncols=True)
-        total_loss, total_images, started = 0.0, 0, time.perf_counter()
+        total_loss, total_images, steps_run, started = 0.0, 0, 0, time.perf_counter()
         for step_in_epoch, (images, labels, _, skipped) in enumerate(progress, start=start + 1):
             if skipped:
                 self._note_skipped(skipped)
-            if images is None:  # every image of the batch was unreadable: nothing to learn from
-                self.batches_done_in_epoch = step_in_epoch
-                continue
-            loss, num_triplets = self.train_step(images, labels)
+            # A batch whose every image was unreadable has nothing to learn from: no step, no log line.
+            if images is not None:
+                loss, num_triplets = self.train_step(images, labels)
+                steps_run += 1
+                total_loss += loss
+                total_images += len(images)
+                images_per_second = total_images / (time.perf_counter() - started)
+                progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.1f}")
+                if self.global_step % 10 == 0 or step_in_epoch == len(sampler):
+                    self.tracker.log({"train/loss": loss, "train/triplets": num_triplets,
+                                      "train/lr": self.scheduler.get_last_lr()[0],
+                                      "train/images_per_second": images_per_second,
+                                      "epoch": self.epoch + step_in_epoch / len(sampler)}, step=self.global_step)
             self.batches_done_in_epoch = step_in_epoch
-            total_loss += loss
-            total_images += len(images)
-            images_per_second = total_images / (time.perf_counter() - started)
-            progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.1f}")
-            if self.global_step % 10 == 0 or step_in_epoch == len(sampler):
-                self.tracker.log({"train/loss": loss, "train/triplets": num_triplets,
-                                  "train/lr": self.scheduler.get_last_lr()[0],
-                                  "train/images_per_second": images_per_second,
-                                  "epoch": self.epoch + step_in_epoch / len(sampler)}, step=self.global_step)
             if self.stop_signal is not None:
                 self.stop_at_step_boundary()
+        if steps_run == 0 and len(sampler) > start:
+            raise NoTrainingImagesError(f"epoch {self.epoch + 1}: no training image could be read (all skipped "
+                                        f"by data.on_bad_image=skip, listed in {self.skip_log.path})")
         self.batches_done_in_epoch = 0
         seconds = time.perf_counter() - started
-        steps_run = len(sampler) - start
         return {"train/epoch_loss": total_loss / max(1, steps_run), "train/epoch_seconds": seconds,
                 "train/epoch_images_per_second": total_images / seconds if seconds > 0 else 0.0}
 

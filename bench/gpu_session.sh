@@ -21,4 +21,5 @@ step() {  # step NAME SECONDS COMMAND...
 step eval_gpu 80 $PY bench/eval_bench.py --devices cuda --dims 512,1024 --out "$OUT/eval_gpu.json"
 step train_eager 130 $PY bench/train_bench.py --skip-compile --steps 6 --warmup 2 --out "$OUT/train_eager.json"
 step train_compile 230 $PY bench/train_bench.py --steps 6 --warmup 2 --only "SDPA + torch.compile" --out "$OUT/train_compile.json"
+step data_cpu16 120 $PY bench/data_bench.py --workers 16 --images 4000 --out "$OUT/data_bench16.json"
 step e2e 150 $PY bench/e2e_bench.py --images 60502 --workers 16 --out "$OUT/e2e.json"

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from .image_files import BadImageError, bad_image_message, describe_image_error, load_rgb_image
+from .image_files import BadImageError, bad_image_message, describe_image_error, is_system_error, load_rgb_tensor
 from .image_lists import ImageList
 
 
@@ -21,9 +21,9 @@ class SkippedImage(NamedTuple):
 class ImageDataset(Dataset):
     """Items `(image, label, index)` of an ImageList.
 
-    image: whatever `transform` returns for the upright RGB picture of `image_files.load_rgb_image`
-    (EXIF rotation applied; grey, CMYK, palette, 16-bit converted; transparency on white). With
-    `build_transforms`, uint8 [3, S, S].
+    image: whatever `transform` returns for the upright RGB picture of `image_files.load_rgb_tensor`, a
+    uint8 tensor [3, H, W] (EXIF rotation applied; grey, CMYK, palette, 16-bit converted; transparency on
+    white). With `build_transforms`, uint8 [3, S, S].
     label: int class label. index: int position in the list, so a caller can match embeddings back to
     files and spot two views of the same image in a batch.
 
@@ -49,8 +49,10 @@ class ImageDataset(Dataset):
         path = self.image_list.root / self.image_list.paths[index]
         label = int(self.image_list.labels[index])
         try:
-            image = load_rgb_image(path, self.decode_size)
+            image = load_rgb_tensor(path, self.decode_size)
         except Exception as error:  # noqa: BLE001 - any decoder error means this file is bad; name it
+            if is_system_error(error):
+                raise
             reason, detail = describe_image_error(path, error)
             if not self.skip_bad_images:
                 raise BadImageError(bad_image_message(path, reason, detail)) from None

@@ -7,11 +7,19 @@ failure the same way everywhere.
 
 from __future__ import annotations
 
+import errno
 import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+try:  # torchvision 0.29 (pinned) deprecates its image decoders in favour of TorchCodec; PIL covers their loss
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+except ImportError:  # pragma: no cover - a future torchvision
+    decode_jpeg = None
 
 # Reasons an image is bad, as they appear in reports and skip lists.
 MISSING, EMPTY, NOT_AN_IMAGE, TRUNCATED, CORRUPT, TOO_LARGE = (
@@ -59,6 +67,42 @@ def load_rgb_image(path: Path, draft_size: int | None = None, decode: bool = Tru
             return _to_rgb(image)
 
 
+def load_rgb_tensor(path: Path, draft_size: int | None = None) -> torch.Tensor:
+    """The picture of `load_rgb_image`, as a uint8 tensor [3, H, W]: what the training and evaluation items use.
+
+    A JPEG that would be decoded at full size anyway (no draft reduction possible: short side below
+    2 x draft_size) is decoded by torchvision's libjpeg-turbo decoder straight into a tensor, EXIF rotation
+    included: 1.3x faster per image than PIL's decode plus the PIL-to-tensor copy on SOP-sized photos (2-core
+    machine, bench/data_bench.py). PIL still reads the header first, so the decompression-bomb limit holds,
+    and if torchvision refuses a file, PIL decides (so a bad file gets PIL's reason, as in the data check).
+    Everything else (PNG, WebP, large JPEGs worth a draft decode, unusual JPEG modes) goes through PIL.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as header:  # reads the header only
+            full_size_jpeg = (header.format == "JPEG" and header.mode in ("RGB", "L", "CMYK")
+                              and not (draft_size and min(header.size) >= 2 * draft_size))
+    if full_size_jpeg and decode_jpeg is not None:
+        try:
+            with warnings.catch_warnings():
+                # Its deprecation notice comes with every call, in every worker; the pinned version works.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        except RuntimeError:
+            pass  # let PIL decode it, or name what is wrong with it
+    return pil_to_tensor(load_rgb_image(path, draft_size))
+
+
+# Errors that say something about the machine, not the file: never a reason to skip an image for good.
+SYSTEM_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO, errno.ENOSPC, errno.ESTALE, errno.EAGAIN}
+
+
+def is_system_error(error: BaseException) -> bool:
+    """True for out-of-memory and for OS errors such as too many open files or an I/O error, which come and
+    go with the machine or a network filesystem: these are raised as they are, not reported as bad images."""
+    return isinstance(error, MemoryError) or (isinstance(error, OSError) and error.errno in SYSTEM_ERRNOS)
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         image = _high_depth_to_8_bit(image)
@@ -71,17 +115,20 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _high_depth_to_8_bit(image: Image.Image) -> Image.Image:
-    """16-bit / 32-bit integer or float grey -> 8-bit grey, keeping the tones.
+    """16-bit / 32-bit integer or float grey -> 8-bit grey ("L", or "LA" when a transparent value is set).
 
-    Integers above 255 are read as 16-bit (0..65535), the depth real photos and scans use; floats in
-    [0, 1] are read as fractions of white. Anything else is clipped.
+    The scale follows the mode, never the picture, so two similar images stay similar: integer modes are
+    read as 16-bit (0..65535, the depth of 16-bit PNGs and scans; older Pillows open those as "I"), float
+    as fractions of white (0..1). Values outside the range are clipped.
     """
     values = np.asarray(image, dtype=np.float64)
-    if image.mode == "F" and values.size and values.max() <= 1.0:
-        values = values * 255.0
-    elif image.mode.startswith("I;16") or (values.size and values.max() > 255):
-        values = values / 257.0  # 65535 -> 255
-    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+    scaled = values * 255.0 if image.mode == "F" else values / 257.0  # 65535 -> 255
+    grey = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+    transparent_value = image.info.get("transparency")
+    if isinstance(transparent_value, (int, float)):  # a tRNS colour key: compare at full depth, not after rounding
+        alpha = Image.fromarray(np.where(values == transparent_value, 0, 255).astype(np.uint8), mode="L")
+        grey = Image.merge("LA", (grey, alpha))
+    return grey
 
 
 def describe_image_error(path: Path, error: BaseException) -> tuple[str, str]:

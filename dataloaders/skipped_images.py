@@ -25,9 +25,11 @@ class SkippedImageLog:
         self.entries: dict[tuple[str, str], dict] = {}
         if self.path is not None and self.path.is_file():
             for line in self.path.read_text().splitlines():
-                if line.strip():
+                try:
                     entry = json.loads(line)
                     self.entries[(entry["split"], entry["path"])] = entry
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line torn by a kill mid-append: that image is listed again when met
 
     def record(self, split: str, image_list: ImageList, skipped: list[tuple[int, str, str]], when: str) -> int:
         """Note `skipped` = [(index into image_list, reason, detail), ...]; returns how many were new."""
@@ -39,8 +41,13 @@ class SkippedImageLog:
                 self.entries[(split, relative_path)] = entry
                 new_entries.append(entry)
         if new_entries and self.path is not None:
-            with open(self.path, "a") as stream:
-                stream.writelines(json.dumps(entry) + "\n" for entry in new_entries)
+            with open(self.path, "ab+") as stream:
+                stream.seek(0, 2)
+                if stream.tell() > 0:  # a torn last line must not swallow the next record
+                    stream.seek(-1, 2)
+                    if stream.read(1) != b"\n":
+                        stream.write(b"\n")
+                stream.write("".join(json.dumps(entry) + "\n" for entry in new_entries).encode())
         return len(new_entries)
 
     def count(self, split: str | None = None) -> int:

@@ -14,7 +14,7 @@ EVAL_CROP_FRACTION = 0.875
 
 
 def build_transforms(image_size: int, train: bool, min_crop_scale: float = 0.16) -> v2.Compose:
-    """PIL RGB image -> uint8 tensor [3, image_size, image_size].
+    """RGB picture (uint8 tensor [3, H, W], or a PIL image) -> uint8 tensor [3, image_size, image_size].
 
     train: RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0)) + RandomHorizontalFlip; the crop keeps
            between min_crop_scale and all of the image's area (0.16 is the usual DML setting).
@@ -31,7 +31,8 @@ def build_transforms(image_size: int, train: bool, min_crop_scale: float = 0.16)
                     v2.RandomHorizontalFlip()]
     else:
         geometry = [v2.Resize(eval_resize_size(image_size), antialias=True), v2.CenterCrop(image_size)]
-    # To a uint8 tensor first: torchvision's uint8 antialiased resize is 1.6-2x faster than PIL's here.
+    # To a uint8 tensor first (a no-op for tensors): torchvision's uint8 antialiased resize is 1.6-2x faster than
+    # PIL's here.
     return v2.Compose([v2.ToImage(), *geometry])
 
 

@@ -18,6 +18,7 @@ import main
 from conftest import REPO_ROOT
 from dataloaders import (BadImageError, ImageDataset, SkippedImage, build_transforms, collate_skipping_bad_images,
                          load_rgb_image, read_folder_tree)
+from dataloaders.image_files import load_rgb_tensor
 
 CLASS_COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 220, 40), (200, 40, 210), (40, 210, 220)]
 EXIF_ORIENTATION = 0x0112
@@ -125,6 +126,28 @@ def test_grey_and_one_bit_images_become_three_equal_channels(tmp_path):
     assert (np.asarray(load_rgb_image(tmp_path / "bits.png")) == 255).all()
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_the_fast_jpeg_decoder_gives_the_picture_pil_gives(tmp_path, orientation, mode):
+    """Items decode full-size JPEGs with torchvision (load_rgb_tensor); the data check and the cache use PIL
+    (load_rgb_image). Same orientation and size; pixels within JPEG decoders' rounding."""
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    picture = class_picture(orientation % 6, seed=orientation, size=(48, 32))
+    picture.paste((250, 250, 250), (0, 0, 12, 8))  # a marker in one corner: a wrong rotation moves it
+    picture.convert(mode).save(tmp_path / "photo.jpg", exif=exif.tobytes(), quality=95)
+    fast = load_rgb_tensor(tmp_path / "photo.jpg").permute(1, 2, 0).numpy().astype(int)
+    reference = np.asarray(load_rgb_image(tmp_path / "photo.jpg")).astype(int)
+    assert fast.shape == reference.shape == ((48, 32, 3) if orientation >= 5 else (32, 48, 3))
+    assert np.abs(fast - reference).mean() < 2 and np.abs(fast - reference).max() <= 40
+
+
+def test_the_fast_decoder_is_skipped_where_a_draft_decode_is_cheaper(tmp_path):
+    class_picture(1, seed=3, size=(400, 300)).save(tmp_path / "big.jpg", quality=95)
+    assert load_rgb_tensor(tmp_path / "big.jpg", draft_size=100).shape == (3, 150, 200)  # PIL's 1/2-scale decode
+    assert load_rgb_tensor(tmp_path / "big.jpg", draft_size=200).shape == (3, 300, 400)  # full size
+
+
 # ---- bad images: skipped with the reason, or stopped naming the file ---------------------------------
 def damaged_list(tmp_path):
     """A 6-class tree where items 2 (truncated), 5 (zero bytes), 9 (decompression bomb) and 13 (text) are bad."""
@@ -162,7 +185,7 @@ def test_without_skipping_a_bad_image_raises_naming_the_file_and_the_reason(tmp_
             dataset[index]
         assert str(image_list.root / image_list.paths[index]) in str(raised.value)
         assert reason in str(raised.value)
-    assert isinstance(ImageDataset(image_list, lambda pil: pil, skip_bad_images=True)[9][0], SkippedImage)
+    assert isinstance(ImageDataset(image_list, lambda picture: picture, skip_bad_images=True)[9][0], SkippedImage)
 
 
 def test_a_batch_of_only_bad_images_collates_to_nothing_but_the_report():
@@ -319,3 +342,96 @@ def test_a_real_process_with_loader_workers_exits_after_a_bad_image(folders):
                               capture_output=True, text=True, timeout=300)
     assert finished.returncode == 1
     assert finished.stderr.strip().splitlines()[-1].startswith(f"error: unreadable image {folders / 'train/c1/3.jpg'}")
+
+
+# ---- follow-ups from review: resume, torn logs, header checks, depth, machine errors -----------------
+def test_resume_keeps_one_skip_entry_per_image_and_refuses_a_changed_training_list(folders, capsys):
+    truncate(folders / "train/c1/3.jpg")
+    skip = ("data.on_bad_image=skip", "data.startup_check=none")
+    assert run_cli("--mode", "train", *folder_run(folders, *skip)) == 0
+    assert run_cli("--mode", "train", "--resume", *folder_run(folders, *skip, "train.epochs=2")) == 0
+    log = folders / "run" / "skipped_images.jsonl"
+    assert [json.loads(line)["when"] for line in log.read_text().splitlines()] == ["epoch 1"]  # met again in epoch 2
+
+    # With the full startup check the bad image leaves the list, so the epoch plan would change: refused.
+    before = (folders / "run" / "last.pt").read_bytes()
+    code = run_cli("--mode", "train", "--resume", *folder_run(folders, "data.on_bad_image=skip", "train.epochs=3"))
+    assert code == 2
+    assert "training list differs" in capsys.readouterr().err
+    assert (folders / "run" / "last.pt").read_bytes() == before
+
+    assert run_cli("--mode", "train", "--overwrite", *folder_run(folders, "data.on_bad_image=skip")) == 0
+    assert [json.loads(line)["when"] for line in log.read_text().splitlines()] == ["startup check"]
+
+
+def test_a_torn_last_line_of_the_skip_log_is_neither_fatal_nor_glued_to_the_next(tmp_path):
+    from dataloaders import ImageList, SkippedImageLog
+
+    images = ImageList(tmp_path, ("a.jpg", "b.jpg"), np.array([0, 1]), np.zeros(2, dtype=np.int64))
+    log_path = tmp_path / "skipped_images.jsonl"
+    log_path.write_text(json.dumps({"split": "train", "path": "a.jpg", "reason": "empty", "detail": "", "when": "x"})
+                        + '\n{"split": "train", "path": "b.j')  # killed mid-append
+    log = SkippedImageLog(log_path)
+    assert log.count() == 1
+    assert log.record("train", images, [(1, "truncated", "cut")], "epoch 2") == 1
+    assert SkippedImageLog(log_path).count() == 2  # the new record stands on its own line
+
+
+def test_header_only_startup_check_finds_missing_and_empty_files_but_not_cut_ones(folders, capsys):
+    (folders / "train/c0/0.jpg").write_bytes(b"")
+    assert run_cli("--mode", "train", *folder_run(folders, "data.startup_check=headers")) == 1
+    assert "c0/0.jpg: empty" in capsys.readouterr().err
+    (folders / "train/c0/0.jpg").unlink()
+    class_picture(0, seed=0).save(folders / "train/c0/0.jpg")
+    class_picture(2, seed=5, size=(400, 300)).save(folders / "train/c2/1.jpg")  # big enough that half of it
+    truncate(folders / "train/c2/1.jpg")  # keeps the whole header: only decoding finds it, in the loader
+    assert run_cli("--mode", "train", "--overwrite", *folder_run(folders, "data.startup_check=headers")) == 1
+    captured = capsys.readouterr()
+    assert "headers only" in captured.out and "0 bad" in captured.out  # the check passed it...
+    assert "unreadable image" in captured.err and "c2/1.jpg: truncated" in captured.err  # ...the loader did not
+
+
+def test_an_epoch_in_which_no_image_could_be_read_stops_the_run(folders, capsys):
+    for path in (folders / "train").rglob("*.jpg"):
+        path.write_bytes(b"")
+    code = run_cli("--mode", "train", *folder_run(folders, "data.on_bad_image=skip", "data.startup_check=none",
+                                                  "data.val_fraction=0"))
+    assert code == 1
+    assert "no training image could be read" in capsys.readouterr().err
+
+
+def test_high_depth_grey_is_scaled_by_its_mode_and_keeps_its_transparent_value(tmp_path):
+    integers = np.array([[0, 255, 256, 65535], [-5, 1000, 32768, 70000]], dtype=np.int32)
+    Image.fromarray(integers, mode="I").save(tmp_path / "i32.tif")
+    pixels = np.asarray(load_rgb_image(tmp_path / "i32.tif"))[..., 0]
+    # one scale for every "I" image (16-bit), so 255 and 256 come out nearly alike, not white and black
+    assert pixels.tolist() == [[0, 1, 1, 255], [0, 4, 128, 255]]
+    grey16 = Image.fromarray(np.array([[1000, 1001, 50000]], dtype=np.uint16))
+    grey16.save(tmp_path / "keyed.png", transparency=1000)
+    assert Image.open(tmp_path / "keyed.png").info.get("transparency") == 1000
+    keyed = np.asarray(load_rgb_image(tmp_path / "keyed.png"))
+    assert keyed[0, 0].tolist() == [255, 255, 255]  # exactly the keyed 16-bit value is transparent...
+    assert keyed[0, 1].tolist() == [4, 4, 4]  # ...not its 8-bit look-alike
+    assert keyed[0, 2].tolist() == [195, 195, 195]
+
+
+def test_machine_errors_are_raised_not_recorded_as_bad_images(tmp_path, monkeypatch):
+    import errno
+
+    import dataloaders.datasets as datasets_module
+
+    image_list, _ = damaged_list(tmp_path)
+
+    def too_many_open_files(path, draft_size=None):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(datasets_module, "load_rgb_tensor", too_many_open_files)
+    with pytest.raises(OSError) as raised:
+        ImageDataset(image_list, lambda picture: picture, skip_bad_images=True)[0]
+    assert raised.value.errno == errno.EMFILE and not isinstance(raised.value, BadImageError)
+
+
+def test_a_single_k_is_accepted(folders):
+    code = run_cli("--mode", "eval", "--checkpoint", "none", *folder_run(folders, "eval.recall_ks=[1]", "eval.map_ks=[]"))
+    assert code == 0
+    assert json.loads((folders / "run" / "untrained_report.json").read_text())["recall@1"] >= 0

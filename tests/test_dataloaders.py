@@ -389,10 +389,10 @@ def test_reduced_jpeg_decoding_keeps_the_requested_short_side(tmp_path):
     Image.new("RGB", (800, 600), (10, 20, 30)).save(tmp_path / "a" / "0.jpg", quality=90)
     Image.new("RGB", (800, 600), (10, 20, 30)).save(tmp_path / "a" / "1.png")
     images = read_folder_tree(tmp_path)
-    dataset = ImageDataset(images, transform=lambda pil: pil, decode_size=140)
+    dataset = ImageDataset(images, transform=lambda picture: picture, decode_size=140)
     jpeg, png = dataset[0][0], dataset[1][0]
-    assert jpeg.size == (200, 150)  # decoded at 1/4 scale: the largest reduction with a short side >= 140
-    assert png.size == (800, 600)  # other formats decode at full size
+    assert jpeg.shape == (3, 150, 200)  # decoded at 1/4 scale: the largest reduction with a short side >= 140
+    assert png.shape == (3, 600, 800)  # other formats decode at full size
 
 
 def test_exif_rotated_photo_comes_upright(tmp_path):
@@ -400,9 +400,9 @@ def test_exif_rotated_photo_comes_upright(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: stored sideways, viewers rotate 90 degrees clockwise
     Image.new("RGB", (30, 10), (0, 200, 0)).save(tmp_path / "a" / "0.jpg", exif=exif)
-    dataset = ImageDataset(read_folder_tree(tmp_path), transform=lambda pil: pil)
+    dataset = ImageDataset(read_folder_tree(tmp_path), transform=lambda picture: picture)
     image, _, _ = dataset[0]
-    assert image.mode == "RGB" and image.size == (10, 30)
+    assert image.dtype == torch.uint8 and image.shape == (3, 30, 10)
 
 
 def test_dataloader_with_pk_batch_sampler(tmp_path):

@@ -435,3 +435,28 @@ def test_a_single_k_is_accepted(folders):
     code = run_cli("--mode", "eval", "--checkpoint", "none", *folder_run(folders, "eval.recall_ks=[1]", "eval.map_ks=[]"))
     assert code == 0
     assert json.loads((folders / "run" / "untrained_report.json").read_text())["recall@1"] >= 0
+
+
+def test_a_non_finite_loss_stops_naming_the_step_and_leaves_the_last_checkpoint_intact(folders, capsys, monkeypatch):
+    import objective
+
+    assert run_cli("--mode", "train", *folder_run(folders)) == 0
+    last = folders / "run" / "last.pt"
+    before = last.read_bytes()
+    real_call = objective.MetricLearningObjective.__call__
+    calls = []
+
+    def nan_on_the_second_step(self, embeddings, labels):
+        loss, count = real_call(self, embeddings, labels)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 2 else loss), count
+
+    monkeypatch.setattr(objective.MetricLearningObjective, "__call__", nan_on_the_second_step)
+    assert run_cli("--mode", "train", "--resume", *folder_run(folders, "train.epochs=2")) == 1
+    steps_per_epoch = torch.load(last, weights_only=True)["global_step"]
+    err = capsys.readouterr().err
+    assert f"loss is nan at step {steps_per_epoch + 2} (epoch 2)" in err and "Traceback" not in err
+    assert last.read_bytes() == before  # nothing from the failed epoch was written
+    for name in ("last.pt", "best.pt"):
+        weights = torch.load(folders / "run" / name, weights_only=True)["model"]
+        assert all(torch.isfinite(value).all() for value in weights.values() if value.is_floating_point()), name

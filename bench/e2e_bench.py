@@ -85,7 +85,10 @@ def main() -> None:
             "data.format=sop", f"data.root={root}", f"model.backbone={backbone}", "model.embedding_dim=0",
             f"model.attention={arguments.attention}", f"data.num_workers={arguments.workers}",
             f"eval.batch_size={arguments.batch_size}", "wandb.mode=disabled", f"output.dir={Path(temporary) / 'run'}",
-            "data.image_size=64" if arguments.tiny else "data.image_size=256", *arguments.extra.split(),
+            "data.image_size=64" if arguments.tiny else "data.image_size=256",
+            # every k must stay below the number of test images (main.py refuses the rest)
+            f"eval.recall_ks=[{','.join(str(k) for k in (1, 10, 100, 1000) if k < num_images)}]",
+            f"eval.map_ks=[{','.join(str(k) for k in (1000,) if k < num_images)}]", *arguments.extra.split(),
         ]
         started = time.perf_counter()
         subprocess.run(command, check=True, cwd=REPO_ROOT)

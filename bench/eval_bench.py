@@ -165,7 +165,8 @@ def plan_cases(devices: list[str], notes: list[str]) -> list[tuple[str, str]]:
 
 def case_command(case: str, device: str, files: dict, args: argparse.Namespace) -> list[str]:
     if case.startswith("main.py"):
-        overrides = case.split()[1:]
+        fitting = ",".join(str(k) for k in RECALL_KS if k < args.n)  # main.py refuses k >= N
+        overrides = [*case.split()[1:], f"eval.recall_ks=[{fitting}]", f"eval.map_ks=[{1000 if args.n > 1000 else ''}]"]
         return [sys.executable, str(REPO_ROOT / "main.py"), "--mode", "eval", "--embeddings", str(files["embeddings"]),
                 "--labels", str(files["labels"]), "--output", str(files["report"]), *overrides]
     worker = "pml" if case == "pml" else case.split("/")[1]

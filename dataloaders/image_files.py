@@ -8,6 +8,7 @@ failure the same way everywhere.
 from __future__ import annotations
 
 import errno
+import io
 import warnings
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 try:  # torchvision 0.29 (pinned) deprecates its image decoders in favour of TorchCodec; PIL covers their loss
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    from torchvision.io import ImageReadMode, decode_jpeg
 except ImportError:  # pragma: no cover - a future torchvision
     decode_jpeg = None
 
@@ -54,43 +55,48 @@ def load_rgb_image(path: Path, draft_size: int | None = None, decode: bool = Tru
     - decode=False: only the header is read (format, size, pixel limit) and the file is returned
       undecoded; for quick checks.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        image = Image.open(path)
-        if not decode:
-            image.close()
-            return image
-        with image:
-            if draft_size:
-                image.draft("RGB", (draft_size, draft_size))
-            image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+    with _open_header(path) as image:
+        return _decode_upright_rgb(image, draft_size) if decode else image
 
 
 def load_rgb_tensor(path: Path, draft_size: int | None = None) -> torch.Tensor:
     """The picture of `load_rgb_image`, as a uint8 tensor [3, H, W]: what the training and evaluation items use.
 
-    A JPEG that would be decoded at full size anyway (no draft reduction possible: short side below
-    2 x draft_size) is decoded by torchvision's libjpeg-turbo decoder straight into a tensor, EXIF rotation
-    included: 1.3x faster per image than PIL's decode plus the PIL-to-tensor copy on SOP-sized photos (2-core
-    machine, bench/data_bench.py). PIL still reads the header first, so the decompression-bomb limit holds,
-    and if torchvision refuses a file, PIL decides (so a bad file gets PIL's reason, as in the data check).
-    Everything else (PNG, WebP, large JPEGs worth a draft decode, unusual JPEG modes) goes through PIL.
+    The file is read once. A JPEG that would be decoded at full size anyway (no draft reduction possible:
+    short side below 2 x draft_size) is decoded by torchvision's libjpeg-turbo decoder straight into a
+    tensor, EXIF rotation included: 1.3x faster per image than PIL's decode plus the PIL-to-tensor copy on
+    SOP-sized photos (2-core machine, bench/data_bench.py). PIL still reads the header first, so the
+    decompression-bomb limit holds, and if torchvision refuses a file, PIL decides (so a bad file gets PIL's
+    reason, as in the data check). Everything else (PNG, WebP, large JPEGs worth a draft decode, unusual
+    JPEG modes) is decoded by PIL from the same bytes.
     """
+    data = Path(path).read_bytes()
+    with _open_header(io.BytesIO(data)) as image:
+        full_size_jpeg = (image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK")
+                          and not (draft_size and min(image.size) >= 2 * draft_size))
+        if full_size_jpeg and decode_jpeg is not None:
+            try:
+                with warnings.catch_warnings():
+                    # Its deprecation notice comes with every call, in every worker; the pinned version works.
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                                       apply_exif_orientation=True)
+            except RuntimeError:
+                pass  # let PIL decode it, or name what is wrong with it
+        return pil_to_tensor(_decode_upright_rgb(image, draft_size))
+
+
+def _open_header(source) -> Image.Image:
+    """PIL's lazy open (header only), with the decompression-bomb warning raised as an error."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as header:  # reads the header only
-            full_size_jpeg = (header.format == "JPEG" and header.mode in ("RGB", "L", "CMYK")
-                              and not (draft_size and min(header.size) >= 2 * draft_size))
-    if full_size_jpeg and decode_jpeg is not None:
-        try:
-            with warnings.catch_warnings():
-                # Its deprecation notice comes with every call, in every worker; the pinned version works.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-        except RuntimeError:
-            pass  # let PIL decode it, or name what is wrong with it
-    return pil_to_tensor(load_rgb_image(path, draft_size))
+        return Image.open(source)
+
+
+def _decode_upright_rgb(image: Image.Image, draft_size: int | None) -> Image.Image:
+    if draft_size:
+        image.draft("RGB", (draft_size, draft_size))
+    return _to_rgb(ImageOps.exif_transpose(image))
 
 
 # Errors that say something about the machine, not the file: never a reason to skip an image for good.

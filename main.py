@@ -184,14 +184,12 @@ def startup_data_check(config, splits: dict, run_dir: Path, skip_log) -> dict:
                               f"in {run_dir / 'data_check.json'}. Fix or remove them, or set data.on_bad_image=skip")
     kept_splits = {}
     for name, image_list in splits.items():
-        bad_paths = {item["path"] for item in report["splits"].get(name, {}).get("bad_images", [])}
-        if not bad_paths:
-            kept_splits[name] = image_list
-            continue
-        index_by_path = {path: index for index, path in enumerate(image_list.paths)}
-        skip_log.record(name, image_list, [(index_by_path[item["path"]], item["reason"], item["detail"])
-                                           for item in report["splits"][name]["bad_images"]], "startup check")
-        keep = np.array([path not in bad_paths for path in image_list.paths])
+        bad_by_path = {item["path"]: item for item in report["splits"].get(name, {}).get("bad_images", [])}
+        skipped = [(index, bad_by_path[path]["reason"], bad_by_path[path]["detail"])
+                   for index, path in enumerate(image_list.paths) if path in bad_by_path]
+        skip_log.record(name, image_list, skipped, "startup check")
+        keep = np.ones(len(image_list), dtype=bool)
+        keep[[index for index, _, _ in skipped]] = False
         kept_splits[name] = image_list.subset(np.flatnonzero(keep))
     print(f"warning: skipping {len(bad)} unreadable image(s) (data.on_bad_image=skip), listed in {skip_log.path}")
     return kept_splits

@@ -16,14 +16,13 @@ class SkippedImageLog:
 
     A line: {"split": "train", "path": "<relative to the split's root>", "reason": "truncated",
     "detail": "...", "when": "startup check" | "epoch 3" | ...}. Lines already in the file (a resumed
-    run) are read back, so an image is listed once however often it is met. path=None keeps the record
-    in memory only (no run folder, e.g. in tests or on a non-main process).
+    run) are read back, so an image is listed once however often it is met.
     """
 
-    def __init__(self, path: Path | None) -> None:
-        self.path = Path(path) if path is not None else None
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
         self.entries: dict[tuple[str, str], dict] = {}
-        if self.path is not None and self.path.is_file():
+        if self.path.is_file():
             for line in self.path.read_text().splitlines():
                 try:
                     entry = json.loads(line)
@@ -40,7 +39,7 @@ class SkippedImageLog:
                 entry = {"split": split, "path": relative_path, "reason": reason, "detail": detail, "when": when}
                 self.entries[(split, relative_path)] = entry
                 new_entries.append(entry)
-        if new_entries and self.path is not None:
+        if new_entries:
             with open(self.path, "ab+") as stream:
                 stream.seek(0, 2)
                 if stream.tell() > 0:  # a torn last line must not swallow the next record

@@ -115,7 +115,9 @@ class Embedder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.dtype == torch.uint8:
-            pixel_values = pixel_values.float() * self.input_scale + self.input_shift
+            # The loaders' batches are laid out channels-last (cheaper to collate); the backbone runs in the
+            # usual layout, the one measured by bench/train_bench.py. A copy of uint8 pixels, on the device.
+            pixel_values = pixel_values.contiguous().float() * self.input_scale + self.input_shift
         pooled = self.backbone(pixel_values=pixel_values).pooler_output  # (B, hidden)
         return F.normalize(self.projection(pooled).float(), dim=-1)
 

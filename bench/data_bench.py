@@ -11,7 +11,10 @@
 - ours, eval transforms: the same for `build_transforms(train=False)` (embedding the test set).
 - ours, from the cache: the train transforms reading `--mode cache`'s downsized copy (short side 292 for
   256 px); the one-time build is timed too.
-Both go through the same DataLoader settings (workers, batch size), so images/s per worker compare.
+Both go through the same DataLoader settings (workers, batch size, persistent workers; ours with the
+project's collate, as main.py uses it), so images/s per worker compare. Each rate is the steady state
+(after one untimed pass, as in every training epoch after the first): the median of --repeats rounds in
+which every loader makes one pass in turn; "x reference" is the median of the within-round ratios.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -31,8 +35,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.synthetic_photos import write_sop_like_jpeg  # noqa: E402
-from dataloaders import ImageDataset, ImageList, build_transforms, decode_size, read_folder_tree  # noqa: E402
+from dataloaders import (ImageDataset, ImageList, build_transforms, collate_skipping_bad_images,  # noqa: E402
+                         decode_size, read_folder_tree)
 from dataloaders.cache import build_cache, use_cache  # noqa: E402
+from dataloaders.datasets import stop_loader_workers  # noqa: E402
 from dataloaders.transforms import eval_resize_size  # noqa: E402
 from model import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
@@ -67,15 +73,21 @@ def synthetic_jpegs(folder: Path, count: int) -> ImageList:
     return ImageList(folder, tuple(paths), np.zeros(count, dtype=np.int64), np.zeros(count, dtype=np.int64))
 
 
-def loader_images_per_second(dataset, workers: int, batch_size: int, limit: int) -> float:
-    indices = list(range(min(limit, len(dataset))))
-    subset = torch.utils.data.Subset(dataset, indices)
+def warm_loader(dataset, workers: int, batch_size: int, limit: int, collate_fn=None):
+    """A loader over the first `limit` items with persistent workers, after one untimed pass: the workers
+    are started and the page cache is warm, as in every training epoch after the first."""
+    subset = torch.utils.data.Subset(dataset, list(range(min(limit, len(dataset)))))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers, shuffle=False,
-                                         persistent_workers=False, prefetch_factor=4 if workers else None)
+                                         persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+                                         collate_fn=collate_fn)
+    for _ in loader:
+        pass
+    return loader
+
+
+def images_per_second(loader) -> float:
     started = time.perf_counter()
-    seen = 0
-    for images, _, _ in loader:
-        seen += len(images)
+    seen = sum(len(batch[0]) for batch in loader)
     return seen / (time.perf_counter() - started)
 
 
@@ -85,6 +97,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--images", type=int, default=2000, help="images per measurement")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of timed passes; medians are reported")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", type=Path)
     arguments = parser.parse_args()
@@ -115,14 +128,24 @@ def main() -> None:
                 "ours: train transforms, from the cache": ImageDataset(
                     cached, build_transforms(size, train=True), decode_size(size, train=True)),
             }
-            reference_rate = None
-            for variant_name, dataset in variants.items():
-                rate = loader_images_per_second(dataset, workers, arguments.batch_size, limit)
-                reference_rate = reference_rate or rate
+            loaders = {name: warm_loader(dataset, workers, arguments.batch_size, limit,
+                                         collate_skipping_bad_images if isinstance(dataset, ImageDataset) else None)
+                       for name, dataset in variants.items()}
+            # Rounds of one pass per loader, in turn: this machine's speed drifts by several percent over a
+            # minute, and a ratio taken within a round is not moved by that drift.
+            rates = {name: [] for name in loaders}
+            for _ in range(1 if arguments.tiny else arguments.repeats):
+                for name, loader in loaders.items():
+                    rates[name].append(images_per_second(loader))
+            stop_loader_workers(*loaders.values())
+            reference_rates = rates[next(iter(rates))]
+            for variant_name, variant_rates in rates.items():
+                rate = statistics.median(variant_rates)
+                ratio = statistics.median(r / ref for r, ref in zip(variant_rates, reference_rates))
                 row = {"source": source_name, "variant": variant_name, "workers": workers,
                        "cache_build_images_per_second": round(cache_build_rate, 1),
                        "images_per_second": round(rate, 1), "per_worker": round(rate / max(1, workers), 1),
-                       "x_reference": round(rate / reference_rate, 2)}
+                       "x_reference": round(ratio, 2), "rounds": [round(r, 1) for r in variant_rates]}
                 results.append(row)
                 print(json.dumps(row), flush=True)
 

@@ -23,3 +23,4 @@ step train_eager 130 $PY bench/train_bench.py --skip-compile --steps 6 --warmup 
 step train_compile 230 $PY bench/train_bench.py --steps 6 --warmup 2 --only "SDPA + torch.compile" --out "$OUT/train_compile.json"
 step data_cpu16 120 $PY bench/data_bench.py --workers 16 --images 4000 --out "$OUT/data_bench16.json"
 step e2e 150 $PY bench/e2e_bench.py --images 60502 --workers 16 --out "$OUT/e2e.json"
+step e2e_cache 170 $PY bench/e2e_bench.py --images 60502 --workers 16 --cache --out "$OUT/e2e_cache.json"

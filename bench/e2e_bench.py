@@ -131,8 +131,9 @@ def main() -> None:
     print(json.dumps(result))
     print("\n| images | from | whole eval command (s) | embedding (s) | images/s | kNN search (s) | metrics (s) |")
     print("|---|---|---|---|---|---|---|")
-    print(f"| {num_images} | {'cache' if arguments.cache else 'originals'} | {result['wall_seconds']} | {result['seconds_embed']} | {result['embed_images_per_second']} | "
-          f"{result['seconds_search']} | {result['seconds_metrics']} |")
+    source = "cache" if arguments.cache else "originals"
+    print(f"| {num_images} | {source} | {result['wall_seconds']} | {result['seconds_embed']} | "
+          f"{result['embed_images_per_second']} | {result['seconds_search']} | {result['seconds_metrics']} |")
     if arguments.out:
         arguments.out.write_text(json.dumps(result, indent=2))
 

@@ -43,7 +43,8 @@ def extract_embeddings(model: nn.Module, loader, device: torch.device, precision
     """Embed every image of `loader` in order.
 
     The loader yields `(images, labels, indices, skipped)` batches (`collate_skipping_bad_images`);
-    N' = N minus the skipped images, and `indices` says which images the rows are.
+    N' = N minus the skipped images, and `indices` says which images the rows are; with every image
+    skipped, N' = 0 and the embeddings are an empty (0, 0) tensor.
     """
     was_training = model.training
     model.eval()
@@ -58,9 +59,23 @@ def extract_embeddings(model: nn.Module, loader, device: torch.device, precision
         labels.append(batch_labels)
         indices.append(batch_indices)
     model.train(was_training)
-    if not embeddings:
-        raise ValueError(f"{description}: no image could be read ({len(skipped)} skipped)")
+    if not embeddings:  # every image skipped; `require_two_images` turns this into a one-line error
+        empty = torch.empty(0, dtype=torch.long)
+        return Embedded(torch.empty(0, 0), empty, empty, skipped)
     return Embedded(torch.cat(embeddings).cpu(), torch.cat(labels).long(), torch.cat(indices).long(), skipped)
+
+
+class TooFewImagesReadError(ValueError):
+    """Fewer than two images of a split could be read (data.on_bad_image=skip left the rest out)."""
+
+
+def require_two_images(embedded: Embedded, split: str, num_listed: int, skip_list: Path) -> None:
+    """Raise TooFewImagesReadError, naming the split and where the skipped images are listed, when fewer
+    than two images were embedded: a search needs a query and a gallery of at least one other image."""
+    if len(embedded.labels) < 2:
+        raise TooFewImagesReadError(
+            f"{split}: only {len(embedded.labels)} of {num_listed} images could be read ({len(embedded.skipped)} "
+            f"skipped by data.on_bad_image=skip, listed in {skip_list}); evaluation needs at least 2")
 
 
 def evaluate_embeddings(embeddings: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,

@@ -262,7 +262,7 @@ def run_train(config, resume: bool, overwrite: bool) -> dict:
     from config import save_config
     from dataloaders import stop_loader_workers
     from dataloaders.skipped_images import SKIPPED_IMAGES_FILE, SkippedImageLog
-    from evaluation import evaluate_embeddings, extract_embeddings
+    from evaluation import evaluate_embeddings, extract_embeddings, require_two_images
     from model import apply_speed_options, build_embedder
     from objective import MetricLearningObjective
     from tracking import Tracker
@@ -309,6 +309,7 @@ def run_train(config, resume: bool, overwrite: bool) -> dict:
         def validate(trained_model):
             embedded = extract_embeddings(trained_model, val_loader, device, config.train.precision, "validate")
             skip_log.record("validation", val_list, embedded.skipped, "validation")
+            require_two_images(embedded, "validation", len(val_list), skip_log.path)
             return evaluate_embeddings(embedded.embeddings, embedded.labels, val_recall_ks, config.eval.backend,
                                        str(device), config.eval.memory_gb)
     else:
@@ -465,7 +466,7 @@ def run_eval(config, checkpoint_arg, output: Path | None, visualize: int = 0) ->
 
     from dataloaders import stop_loader_workers
     from dataloaders.skipped_images import SKIPPED_IMAGES_FILE, SkippedImageLog
-    from evaluation import evaluate_embeddings, extract_embeddings, write_report
+    from evaluation import evaluate_embeddings, extract_embeddings, require_two_images, write_report
     from tracking import Tracker
 
     device = select_device(config.train.device)
@@ -485,19 +486,20 @@ def run_eval(config, checkpoint_arg, output: Path | None, visualize: int = 0) ->
     # is one image that was read, and `evaluated` maps the rows back to the test list.
     evaluated = embedded.indices.numpy()
     embeddings, labels = embedded.embeddings, embedded.labels
+    prefix = "untrained_" if checkpoint_arg == "none" else ""
+    if embedded.skipped:
+        skip_log = SkippedImageLog(run_dir / SKIPPED_IMAGES_FILE)
+        skip_log.record("test", test_list, embedded.skipped, f"{prefix}eval")
+        require_two_images(embedded, "test", len(test_list), skip_log.path)
+        print(f"warning: {len(embedded.skipped)} of {len(test_list)} test images could not be read and were left out "
+              f"(data.on_bad_image=skip; listed in {skip_log.path}): the metrics cover the other {len(labels)}",
+              file=sys.stderr)
     super_labels = test_list.super_labels[evaluated] if config.data.format != "folder" else None
     report = evaluate_embeddings(embeddings, labels, config.eval.recall_ks, config.eval.backend, str(device),
                                  config.eval.memory_gb, config.eval.map_ks, super_labels)
     report.update(seconds_embed=round(seconds_embed, 3), model=description, split="test",
                   num_images_listed=len(test_list), num_images_skipped=len(embedded.skipped))
 
-    prefix = "untrained_" if checkpoint_arg == "none" else ""
-    if embedded.skipped:
-        skip_log = SkippedImageLog(run_dir / SKIPPED_IMAGES_FILE)
-        skip_log.record("test", test_list, embedded.skipped, f"{prefix}eval")
-        print(f"warning: {len(embedded.skipped)} of {len(test_list)} test images could not be read and were left out "
-              f"(data.on_bad_image=skip; listed in {skip_log.path}): the metrics cover the other {len(labels)}",
-              file=sys.stderr)
     # Row i of the embeddings is image i of test_paths.txt: kept together so the index can be served later.
     np.save(run_dir / f"{prefix}test_embeddings.npy", embeddings.numpy())
     np.save(run_dir / f"{prefix}test_labels.npy", labels.numpy())
@@ -610,8 +612,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, TrainingInterrupted):
             print(f"interrupted: {error}", file=sys.stderr)
             return EXIT_INTERRUPTED
+        from evaluation import TooFewImagesReadError
+
         known = (DataFormatError, DataCheckFailed, BadImageError, BackboneLoadError, NonFiniteLossError, CacheError,
-                 NoTrainingImagesError)
+                 NoTrainingImagesError, TooFewImagesReadError)
         if arguments.debug or not isinstance(error, known):
             raise
         if isinstance(error, BadImageError):  # raised in a loader worker: its message is the worker's traceback

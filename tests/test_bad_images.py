@@ -297,6 +297,35 @@ def test_eval_with_skip_states_how_many_images_were_evaluated(folders, capsys):
     assert [(e["split"], e["path"], e["reason"]) for e in skipped] == [("test", "c3/1.jpg", "not_an_image")]
 
 
+@pytest.mark.parametrize("readable", [0, 1])
+def test_eval_with_fewer_than_two_readable_images_stops_in_one_line(folders, capsys, readable):
+    test_images = sorted((folders / "test").rglob("*.jpg"))
+    for path in test_images[readable:]:
+        path.write_bytes(b"")
+    code = run_cli("--mode", "eval", "--checkpoint", "none", *folder_run(folders, "data.on_bad_image=skip"))
+    error = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in error
+    assert f"test: only {readable} of {len(test_images)} images could be read" in error
+    skipped = (folders / "run" / "skipped_images.jsonl").read_text().splitlines()
+    assert len(skipped) == len(test_images) - readable  # the list the message points to is complete
+    assert not (folders / "run" / "untrained_report.json").exists()
+
+
+def test_validation_with_no_readable_image_stops_training_in_one_line(folders, capsys):
+    from config import load_config
+    from dataloaders import split_classes
+
+    config = load_config(REPO_ROOT / "configs/demo.yaml", [])
+    train = read_folder_tree(folders / "train")
+    _, validation_items = split_classes(train.labels, 0.34, config.data.split_seed)
+    for index in validation_items:
+        (train.root / train.paths[index]).write_bytes(b"")
+    code = run_cli("--mode", "train", *folder_run(folders, "data.on_bad_image=skip", "data.startup_check=none"))
+    error = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in error
+    assert f"validation: only 0 of {len(validation_items)} images could be read" in error
+
+
 # ---- configuration problems: one line, non-zero, before heavy work --------------------------------
 @pytest.mark.parametrize("override, words", [
     ("data.classes_per_batch=6", ["data.classes_per_batch x data.images_per_class = 24", "16 images"]),

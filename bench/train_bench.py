@@ -153,9 +153,9 @@ def main() -> None:
          lambda: our_step_runner(config, device, batch, precision, "sdpa", True, False, True)),
         ("ours: + SDPA + torch.compile", "train",
          lambda: our_step_runner(config, device, batch, precision, "sdpa", False, True, True)),
-        ("embed: bf16, eager attention", "embed", lambda: embed_runner(config, device, embed_batch, "eager", False)),
-        ("embed: bf16, SDPA attention", "embed", lambda: embed_runner(config, device, embed_batch, "sdpa", False)),
-        ("embed: bf16, SDPA + torch.compile", "embed", lambda: embed_runner(config, device, embed_batch, "sdpa", True)),
+        ("embed bf16: eager attention", "embed", lambda: embed_runner(config, device, embed_batch, "eager", False)),
+        ("embed bf16: SDPA attention", "embed", lambda: embed_runner(config, device, embed_batch, "sdpa", False)),
+        ("embed bf16: SDPA + torch.compile", "embed", lambda: embed_runner(config, device, embed_batch, "sdpa", True)),
     ]
     if arguments.skip_compile:
         rows = [row for row in rows if "compile" not in row[0]]

@@ -59,23 +59,30 @@ def extract_embeddings(model: nn.Module, loader, device: torch.device, precision
         labels.append(batch_labels)
         indices.append(batch_indices)
     model.train(was_training)
-    if not embeddings:  # every image skipped; `require_two_images` turns this into a one-line error
+    if not embeddings:  # every image skipped; `require_queries` turns this into a one-line error
         empty = torch.empty(0, dtype=torch.long)
         return Embedded(torch.empty(0, 0), empty, empty, skipped)
     return Embedded(torch.cat(embeddings).cpu(), torch.cat(labels).long(), torch.cat(indices).long(), skipped)
 
 
-class TooFewImagesReadError(ValueError):
-    """Fewer than two images of a split could be read (data.on_bad_image=skip left the rest out)."""
+class NothingToEvaluateError(ValueError):
+    """The images of a split that were embedded leave no query: no class has two of them."""
 
 
-def require_two_images(embedded: Embedded, split: str, num_listed: int, skip_list: Path) -> None:
-    """Raise TooFewImagesReadError, naming the split and where the skipped images are listed, when fewer
-    than two images were embedded: a search needs a query and a gallery of at least one other image."""
-    if len(embedded.labels) < 2:
-        raise TooFewImagesReadError(
-            f"{split}: only {len(embedded.labels)} of {num_listed} images could be read ({len(embedded.skipped)} "
-            f"skipped by data.on_bad_image=skip, listed in {skip_list}); evaluation needs at least 2")
+def require_queries(embedded: Embedded, split: str, num_listed: int, skip_list: Path) -> None:
+    """Raise NothingToEvaluateError, in one line naming the split (and where skipped images are listed),
+    unless some class has at least two embedded images: a query needs another image of its class."""
+    _, class_sizes = torch.unique(embedded.labels, return_counts=True)
+    if bool((class_sizes >= 2).any()):
+        return
+    read = len(embedded.labels)
+    if embedded.skipped:
+        raise NothingToEvaluateError(
+            f"{split}: only {read} of {num_listed} images could be read ({len(embedded.skipped)} skipped by "
+            f"data.on_bad_image=skip, listed in {skip_list}) and no class has two of them; evaluation needs a "
+            f"query with another image of its class")
+    raise NothingToEvaluateError(f"{split}: no class has two of its {read} images; evaluation needs a query with "
+                                 f"another image of its class")
 
 
 def evaluate_embeddings(embeddings: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,

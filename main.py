@@ -262,7 +262,7 @@ def run_train(config, resume: bool, overwrite: bool) -> dict:
     from config import save_config
     from dataloaders import stop_loader_workers
     from dataloaders.skipped_images import SKIPPED_IMAGES_FILE, SkippedImageLog
-    from evaluation import evaluate_embeddings, extract_embeddings, require_two_images
+    from evaluation import evaluate_embeddings, extract_embeddings, require_queries
     from model import apply_speed_options, build_embedder
     from objective import MetricLearningObjective
     from tracking import Tracker
@@ -309,7 +309,7 @@ def run_train(config, resume: bool, overwrite: bool) -> dict:
         def validate(trained_model):
             embedded = extract_embeddings(trained_model, val_loader, device, config.train.precision, "validate")
             skip_log.record("validation", val_list, embedded.skipped, "validation")
-            require_two_images(embedded, "validation", len(val_list), skip_log.path)
+            require_queries(embedded, "validation", len(val_list), skip_log.path)
             return evaluate_embeddings(embedded.embeddings, embedded.labels, val_recall_ks, config.eval.backend,
                                        str(device), config.eval.memory_gb)
     else:
@@ -466,7 +466,7 @@ def run_eval(config, checkpoint_arg, output: Path | None, visualize: int = 0) ->
 
     from dataloaders import stop_loader_workers
     from dataloaders.skipped_images import SKIPPED_IMAGES_FILE, SkippedImageLog
-    from evaluation import evaluate_embeddings, extract_embeddings, require_two_images, write_report
+    from evaluation import evaluate_embeddings, extract_embeddings, require_queries, write_report
     from tracking import Tracker
 
     device = select_device(config.train.device)
@@ -487,10 +487,11 @@ def run_eval(config, checkpoint_arg, output: Path | None, visualize: int = 0) ->
     evaluated = embedded.indices.numpy()
     embeddings, labels = embedded.embeddings, embedded.labels
     prefix = "untrained_" if checkpoint_arg == "none" else ""
+    skip_log = SkippedImageLog(run_dir / SKIPPED_IMAGES_FILE)
     if embedded.skipped:
-        skip_log = SkippedImageLog(run_dir / SKIPPED_IMAGES_FILE)
         skip_log.record("test", test_list, embedded.skipped, f"{prefix}eval")
-        require_two_images(embedded, "test", len(test_list), skip_log.path)
+    require_queries(embedded, "test", len(test_list), skip_log.path)
+    if embedded.skipped:
         print(f"warning: {len(embedded.skipped)} of {len(test_list)} test images could not be read and were left out "
               f"(data.on_bad_image=skip; listed in {skip_log.path}): the metrics cover the other {len(labels)}",
               file=sys.stderr)
@@ -612,10 +613,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, TrainingInterrupted):
             print(f"interrupted: {error}", file=sys.stderr)
             return EXIT_INTERRUPTED
-        from evaluation import TooFewImagesReadError
+        from evaluation import NothingToEvaluateError
 
         known = (DataFormatError, DataCheckFailed, BadImageError, BackboneLoadError, NonFiniteLossError, CacheError,
-                 NoTrainingImagesError, TooFewImagesReadError)
+                 NoTrainingImagesError, NothingToEvaluateError)
         if arguments.debug or not isinstance(error, known):
             raise
         if isinstance(error, BadImageError):  # raised in a loader worker: its message is the worker's traceback

@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ from dataloaders.transforms import eval_resize_size  # noqa: E402
 from model import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 CUB = Path(__file__).resolve().parents[2] / "shared" / "data" / "cub100" / "images"
+UNIQUE_JPEGS = 1000
 
 
 class ReferenceDataset(torch.utils.data.Dataset):
@@ -64,12 +66,19 @@ class ReferenceDataset(torch.utils.data.Dataset):
         return pixels, int(self.image_list.labels[index]), index
 
 
-def synthetic_jpegs(folder: Path, count: int) -> ImageList:
-    """`count` SOP-like 500 x 500 JPEGs (see bench/synthetic_photos.py) in one class folder."""
+def synthetic_jpegs(folder: Path, count: int, workers: int) -> ImageList:
+    """`count` SOP-like 500 x 500 JPEGs (see bench/synthetic_photos.py) in one class folder.
+
+    Drawing one costs about 30 ms: up to UNIQUE_JPEGS are drawn, by `workers` processes, and the rest are
+    hard links to them. Each is still a file of its own that the loader opens and decodes.
+    """
     (folder / "c").mkdir(parents=True, exist_ok=True)
     paths = [f"c/{i:05d}.jpg" for i in range(count)]
-    for seed, path in enumerate(paths):
-        write_sop_like_jpeg(str(folder / path), seed)
+    unique = min(count, UNIQUE_JPEGS)
+    with ProcessPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(write_sop_like_jpeg, [str(folder / p) for p in paths[:unique]], range(unique), chunksize=16))
+    for i in range(unique, count):
+        os.link(folder / paths[i % unique], folder / paths[i])
     return ImageList(folder, tuple(paths), np.zeros(count, dtype=np.int64), np.zeros(count, dtype=np.int64))
 
 
@@ -110,7 +119,7 @@ def main() -> None:
         sources = {}
         if CUB.is_dir():
             sources["cub100 photos (227 px)"] = read_folder_tree(CUB)
-        sources["synthetic 500x500 JPEG q90"] = synthetic_jpegs(Path(temporary) / "synthetic", limit)
+        sources["synthetic 500x500 JPEG q90"] = synthetic_jpegs(Path(temporary) / "synthetic", limit, workers)
         results = []
         for source_name, image_list in sources.items():
             image_list = image_list.subset(np.arange(min(limit, len(image_list))))

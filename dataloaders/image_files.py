@@ -96,7 +96,7 @@ def _open_header(source) -> Image.Image:
 def _decode_upright_rgb(image: Image.Image, draft_size: int | None) -> Image.Image:
     if draft_size:
         image.draft("RGB", (draft_size, draft_size))
-    return _to_rgb(ImageOps.exif_transpose(image))
+    return to_rgb(ImageOps.exif_transpose(image))
 
 
 # Errors that say something about the machine, not the file: never a reason to skip an image for good.
@@ -109,7 +109,8 @@ def is_system_error(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or (isinstance(error, OSError) and error.errno in SYSTEM_ERRNOS)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A decoded PIL image of any mode as 8-bit RGB, the way every image file is read (see `load_rgb_image`)."""
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         image = _high_depth_to_8_bit(image)
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info

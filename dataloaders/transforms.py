@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
+from .image_files import to_rgb
+
 # Evaluation resizes the short side to image_size / 0.875 before the centre crop (256 -> 292,
 # 224 -> 256), the usual ImageNet ratio, so the crop keeps the object and drops some border.
 EVAL_CROP_FRACTION = 0.875
@@ -99,8 +101,8 @@ def build_transforms(image_size: int, train: bool, min_crop_scale: float = 0.16)
            between min_crop_scale and all of the image's area (0.16 is the usual DML setting).
     eval:  Resize(int(image_size / 0.875)) of the short side + CenterCrop(image_size); deterministic.
 
-    The result is laid out channels-last in memory (strides (1, 3 * S, 3)); `collate_skipping_bad_images`
-    batches such tensors with a plain copy. Build once and hand to the dataset; nothing here depends on the item.
+    The result is stored pixel by pixel (channel stride 1, as channels-last), which `collate_skipping_bad_images`
+    batches with a plain copy. Build once and hand to the dataset; nothing here depends on the item.
     """
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
@@ -110,8 +112,8 @@ def build_transforms(image_size: int, train: bool, min_crop_scale: float = 0.16)
 
 
 def as_uint8_tensor(picture: torch.Tensor | Image.Image) -> torch.Tensor:
-    if isinstance(picture, Image.Image):
-        picture = F.pil_to_tensor(picture.convert("RGB"))
+    if isinstance(picture, Image.Image):  # converted as image files are: 16-bit tones kept, transparency on white
+        picture = F.pil_to_tensor(to_rgb(picture))
     if picture.dtype != torch.uint8 or picture.ndim != 3 or picture.shape[0] != 3:
         raise ValueError(f"expected an RGB uint8 tensor [3, H, W], got {picture.dtype} {tuple(picture.shape)}")
     return picture
@@ -130,9 +132,10 @@ def eval_resize_size(image_size: int) -> int:
 def decode_size(image_size: int, train: bool, min_crop_scale: float = 0.16) -> int:
     """The smallest short side a decoded image needs so that no output pixel is upsampled.
 
-    Evaluation needs the resize target. Training's smallest crop keeps min_crop_scale of the area,
-    i.e. sqrt(min_crop_scale) of the side, and is then resized to image_size.
+    Evaluation needs the resize target. Training's smallest crop keeps min_crop_scale of the area; at the
+    most elongated aspect ratio (3/4 or 4/3) its short side is sqrt(min_crop_scale * 3/4) of a square
+    picture's side (34.6% at 0.16), and it is then resized to image_size.
     """
     if train:
-        return math.ceil(image_size / math.sqrt(min_crop_scale))
+        return math.ceil(image_size / math.sqrt(min_crop_scale * CROP_ASPECT_RATIOS[0]))
     return eval_resize_size(image_size)

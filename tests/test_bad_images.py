@@ -297,18 +297,33 @@ def test_eval_with_skip_states_how_many_images_were_evaluated(folders, capsys):
     assert [(e["split"], e["path"], e["reason"]) for e in skipped] == [("test", "c3/1.jpg", "not_an_image")]
 
 
-@pytest.mark.parametrize("readable", [0, 1])
-def test_eval_with_fewer_than_two_readable_images_stops_in_one_line(folders, capsys, readable):
+@pytest.mark.parametrize("kept", [[], [0], [0, -1]])  # none, one, and two images of different classes
+def test_eval_with_no_query_left_after_skipping_stops_in_one_line(folders, capsys, kept):
     test_images = sorted((folders / "test").rglob("*.jpg"))
-    for path in test_images[readable:]:
+    readable = {test_images[i] for i in kept}
+    assert len({path.parent for path in readable}) == len(readable)
+    for path in set(test_images) - readable:
         path.write_bytes(b"")
     code = run_cli("--mode", "eval", "--checkpoint", "none", *folder_run(folders, "data.on_bad_image=skip"))
     error = capsys.readouterr().err
     assert code == 1 and "Traceback" not in error
-    assert f"test: only {readable} of {len(test_images)} images could be read" in error
+    assert f"test: only {len(readable)} of {len(test_images)} images could be read" in error
+    assert "no class has two of them" in error
     skipped = (folders / "run" / "skipped_images.jsonl").read_text().splitlines()
-    assert len(skipped) == len(test_images) - readable  # the list the message points to is complete
+    assert len(skipped) == len(test_images) - len(readable)  # the list the message points to is complete
     assert not (folders / "run" / "untrained_report.json").exists()
+
+
+def test_eval_of_a_test_split_without_two_images_of_any_class_stops_in_one_line(tmp_path, capsys):
+    write_tree(tmp_path / "train", num_classes=6)
+    write_tree(tmp_path / "test", num_classes=4, first_label=2)
+    for class_folder in (tmp_path / "test").iterdir():
+        for extra in sorted(class_folder.glob("*.jpg"))[1:]:
+            extra.unlink()
+    code = run_cli("--mode", "eval", "--checkpoint", "none", *folder_run(tmp_path, "eval.recall_ks=[1]"))
+    error = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in error
+    assert "test: no class has two of its 4 images" in error
 
 
 def test_validation_with_no_readable_image_stops_training_in_one_line(folders, capsys):
@@ -324,6 +339,7 @@ def test_validation_with_no_readable_image_stops_training_in_one_line(folders, c
     error = capsys.readouterr().err
     assert code == 1 and "Traceback" not in error
     assert f"validation: only 0 of {len(validation_items)} images could be read" in error
+    assert (folders / "run" / "skipped_images.jsonl").read_text().count("\n") == len(validation_items)
 
 
 # ---- configuration problems: one line, non-zero, before heavy work --------------------------------

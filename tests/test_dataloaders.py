@@ -380,8 +380,9 @@ def test_eval_transform_is_deterministic_and_keeps_uint8_pixels(tmp_path):
 
 def test_decode_size_keeps_enough_pixels():
     assert decode_size(256, train=False) == 292
-    # the smallest training crop (16% of the area = 40% of the side) must still reach 256 px
-    assert decode_size(256, train=True, min_crop_scale=0.16) == 640
+    # the smallest training crop (16% of the area) at aspect ratio 3/4 has a short side of
+    # sqrt(0.16 * 0.75) = 34.6% of the side, which must still reach 256 px: 256 / 0.3464 = 739.01 -> 740
+    assert decode_size(256, train=True, min_crop_scale=0.16) == 740
 
 
 def test_reduced_jpeg_decoding_keeps_the_requested_short_side(tmp_path):

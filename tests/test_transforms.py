@@ -176,3 +176,23 @@ def test_crop_side_stays_near_the_requested_fraction_of_the_side():
     side = 400
     box = random_crop_box(side, side, SCALE, [0.0, 0.5, 0.0, 0.0])
     assert box[2] == box[3] == round(side * math.sqrt(SCALE[0]))
+
+
+def test_pil_pictures_are_converted_as_image_files_are():
+    import numpy as np
+
+    transparent_red = Image.new("RGBA", (40, 30), (255, 0, 0, 0))
+    half_grey_16_bit = Image.fromarray(np.full((30, 40), 32768, dtype=np.uint16))
+    for train in (True, False):
+        transform = build_transforms(16, train=train)
+        assert bool((transform(transparent_red) == 255).all())  # transparent pixels on white, not red
+        assert bool((transform(half_grey_16_bit) == 128).all())  # 32768 / 257, not clipped to white
+
+
+@pytest.mark.parametrize("ratio_draw", [0.0, 0.5, 1.0])
+def test_decode_size_leaves_even_the_smallest_crop_enough_pixels(ratio_draw):
+    from dataloaders import decode_size
+
+    side = decode_size(256, train=True, min_crop_scale=SCALE[0])
+    _, _, crop_height, crop_width = random_crop_box(side, side, SCALE, [0.0, ratio_draw, 0.0, 0.0])
+    assert min(crop_height, crop_width) >= 256

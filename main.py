@@ -492,9 +492,12 @@ def run_eval(config, checkpoint_arg, output: Path | None, visualize: int = 0) ->
         skip_log.record("test", test_list, embedded.skipped, f"{prefix}eval")
     require_queries(embedded, "test", len(test_list), skip_log.path)
     if embedded.skipped:
+        beyond_gallery = sorted(k for k in {*config.eval.recall_ks, *config.eval.map_ks} if k > len(labels) - 1)
+        whole_gallery_note = (f"; k = {', '.join(map(str, beyond_gallery))} now reach past the {len(labels) - 1} "
+                              f"other images, so those metrics cover the whole gallery" if beyond_gallery else "")
         print(f"warning: {len(embedded.skipped)} of {len(test_list)} test images could not be read and were left out "
-              f"(data.on_bad_image=skip; listed in {skip_log.path}): the metrics cover the other {len(labels)}",
-              file=sys.stderr)
+              f"(data.on_bad_image=skip; listed in {skip_log.path}): the metrics cover the other {len(labels)}"
+              f"{whole_gallery_note}", file=sys.stderr)
     super_labels = test_list.super_labels[evaluated] if config.data.format != "folder" else None
     report = evaluate_embeddings(embeddings, labels, config.eval.recall_ks, config.eval.backend, str(device),
                                  config.eval.memory_gb, config.eval.map_ks, super_labels)

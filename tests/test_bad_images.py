@@ -314,6 +314,17 @@ def test_eval_with_no_query_left_after_skipping_stops_in_one_line(folders, capsy
     assert not (folders / "run" / "untrained_report.json").exists()
 
 
+def test_eval_warns_when_skipping_leaves_a_k_beyond_the_gallery(folders, capsys):
+    test_images = sorted((folders / "test").rglob("*.jpg"))
+    for path in test_images[3:]:
+        path.write_bytes(b"")  # 3 of 16 readable: the first class's images, a gallery of 2 per query
+    code = run_cli("--mode", "eval", "--checkpoint", "none",
+                   *folder_run(folders, "data.on_bad_image=skip", "eval.recall_ks=[1,2,4,8]"))
+    error = capsys.readouterr().err
+    assert code == 0
+    assert "k = 4, 8 now reach past the 2 other images" in error
+
+
 def test_eval_of_a_test_split_without_two_images_of_any_class_stops_in_one_line(tmp_path, capsys):
     write_tree(tmp_path / "train", num_classes=6)
     write_tree(tmp_path / "test", num_classes=4, first_label=2)

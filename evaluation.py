@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from metrics import map_at_k, mean_by_group, neighbour_hits, recall_at_k, relevant_counts, retrieval_metrics
+from metrics import relevant_counts, retrieval_metrics
 from retrieval import nearest_neighbours
 
 METRIC_KEYS_AFTER_RECALL = ("map@r", "r_precision", "mrr")
@@ -135,13 +135,14 @@ def evaluate_embeddings(embeddings: torch.Tensor | np.ndarray, labels: torch.Ten
 
     started = time.perf_counter()
     # A requested k beyond N - 1 is answered by the whole gallery (see docstring).
-    effective_ks = sorted({min(requested, k) for requested in recall_ks})
-    computed = retrieval_metrics(neighbour_indices, labels, recall_ks=tuple(effective_ks))
+    computed = retrieval_metrics(neighbour_indices, labels, recall_ks=sorted({min(r, k) for r in recall_ks}),
+                                 map_ks=sorted({min(m, k) for m in map_ks}), groups=super_labels)
     report = {f"recall@{requested}": computed[f"recall@{min(requested, k)}"] for requested in recall_ks}
-    report.update(_map_at_ks(neighbour_indices, labels, [min(requested, k) for requested in map_ks], map_ks))
+    report.update({f"map@{requested}": computed[f"map@{min(requested, k)}"] for requested in map_ks})
     report.update({key: computed[key] for key in METRIC_KEYS_AFTER_RECALL})
     if super_labels is not None:
-        report["recall@1_by_super_class"] = _recall_at_1_by_group(neighbour_indices, labels, super_labels)
+        report["recall@1_by_super_class"] = {str(group): value
+                                             for group, value in computed["recall@1_by_group"].items()}
     seconds_metrics = time.perf_counter() - started
 
     report.update(
@@ -154,27 +155,6 @@ def evaluate_embeddings(embeddings: torch.Tensor | np.ndarray, labels: torch.Ten
         seconds_metrics=round(seconds_metrics, 4),
     )
     return report
-
-
-def _map_at_ks(neighbour_indices: torch.Tensor, labels: torch.Tensor, effective_ks: list[int],
-               requested_ks: Sequence[int]) -> dict[str, float]:
-    """{"map@k": mAP@k averaged over the queries with R >= 1} for each requested k (computed at its effective k)."""
-    if not requested_ks:
-        return {}
-    num_relevant = relevant_counts(labels)
-    evaluated = num_relevant >= 1
-    hits = neighbour_hits(neighbour_indices[:, :max(effective_ks)], labels)[evaluated]  # (Q, max k)
-    return {f"map@{requested}": map_at_k(hits, num_relevant[evaluated], effective).mean().item()
-            for requested, effective in zip(requested_ks, effective_ks)}
-
-
-def _recall_at_1_by_group(neighbour_indices: torch.Tensor, labels: torch.Tensor,
-                          groups: torch.Tensor) -> dict[str, float]:
-    """{str(group): Recall@1 over the group's queries with R >= 1}, by one bincount (`metrics.mean_by_group`)."""
-    evaluated = relevant_counts(labels) >= 1
-    hits = neighbour_hits(neighbour_indices[:, :1], labels)[evaluated]  # (Q, 1)
-    by_group = mean_by_group(recall_at_k(hits, 1), groups[evaluated])
-    return {str(group): value for group, value in by_group.items()}
 
 
 def metric_names(report: dict) -> list[str]:

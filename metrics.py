@@ -193,25 +193,31 @@ def retrieval_metrics(
     neighbour_indices: torch.Tensor,
     labels: torch.Tensor,
     recall_ks: Sequence[int] = (1, 10, 100, 1000),
-) -> dict[str, float | int]:
-    """Recall@k for each k in `recall_ks`, MAP@R, R-Precision and MRR, averaged over queries.
+    map_ks: Sequence[int] = (),
+    groups: torch.Tensor | None = None,
+) -> dict:
+    """Recall@k for each k in `recall_ks`, mAP@k for each k in `map_ks`, MAP@R, R-Precision and MRR,
+    averaged over queries; with `groups`, Recall@1 within each group of queries too.
 
     Args:
         neighbour_indices: [N, K] int64 from `retrieval.nearest_neighbours` (self excluded, nearest first).
         labels: [N] int class of each item.
         recall_ks: ks for Recall@k, each 1 <= k <= K.
+        map_ks: ks for mAP@k (`map_at_k`), each 1 <= k <= K; none by default.
+        groups: [N] int group of each item (e.g. SOP's super class), or None.
 
     Returns:
-        {"recall@1": ..., "recall@10": ..., "map@r": ..., "r_precision": ..., "mrr": ...,
+        {"recall@1": ..., "recall@10": ..., "map@<k>": ... for each of map_ks, "map@r": ..., "r_precision": ...,
+         "mrr": ..., ["recall@1_by_group": {group: Recall@1 over its queries} (`mean_by_group`), with groups],
          "num_queries": int, "num_queries_without_relevant": int}. Metrics are Python floats in [0, 1],
         the mean over the queries with R >= 1 (`num_queries` of them). A query alone in its class
         (R == 0) has nothing to find: it is left out of every metric and counted in
-        `num_queries_without_relevant`.
+        `num_queries_without_relevant` (and a group with no other query does not appear).
 
     Raises:
         ValueError: if K < the largest R among evaluated queries (MAP@R and R-Precision need the R
-            nearest: search with k >= largest class size - 1), if a recall k exceeds K, or if no query
-            has R >= 1.
+            nearest: search with k >= largest class size - 1), if a recall or mAP k exceeds K, or if no
+            query has R >= 1.
 
     Example:
         >>> labels = torch.tensor([0, 0, 1, 1, 2])  # item 4 is alone in class 2
@@ -234,10 +240,13 @@ def retrieval_metrics(
     for k in recall_ks:
         _check_k(k, width, "recall@k")
 
-    metrics: dict[str, float | int] = {f"recall@{k}": recall_at_k(hits, k).mean().item() for k in recall_ks}
+    metrics: dict = {f"recall@{k}": recall_at_k(hits, k).mean().item() for k in recall_ks}
+    metrics.update({f"map@{k}": map_at_k(hits, num_relevant, k).mean().item() for k in map_ks})
     metrics["map@r"] = map_at_r(hits, num_relevant).mean().item()
     metrics["r_precision"] = r_precision(hits, num_relevant).mean().item()
     metrics["mrr"] = mean_reciprocal_rank(hits).mean().item()
+    if groups is not None:
+        metrics["recall@1_by_group"] = mean_by_group(recall_at_k(hits, 1), groups[evaluated])
     metrics["num_queries"] = num_queries
     metrics["num_queries_without_relevant"] = len(labels) - num_queries
     return metrics

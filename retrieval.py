@@ -126,7 +126,7 @@ def nearest_neighbours(
 
 def _resolve_backend(requested: str, device: torch.device, k: int) -> tuple[str, torch.device, str]:
     """(backend, device it computes on, why) for a requested backend and device."""
-    faiss_gpu = device.type == "cuda" and _faiss_gpu_count() > 0
+    faiss_gpu = device.type == "cuda" and faiss_gpu_count() > 0
     if requested != "auto":
         backend, reason = requested, "requested"
     elif faiss_gpu:
@@ -147,15 +147,7 @@ def _resolve_backend(requested: str, device: torch.device, k: int) -> tuple[str,
     return backend, device, reason
 
 
-def _faiss_available() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _faiss_gpu_count() -> int:
+def faiss_gpu_count() -> int:
     """GPUs faiss can use: 0 for faiss-cpu (which has get_num_gpus but no StandardGpuResources) or no faiss."""
     try:
         import faiss
@@ -219,9 +211,7 @@ def _search_faiss(embeddings: torch.Tensor, k: int, block_rows: int, tie_rows: i
     tied_rows = torch.cat(tied_rows)
     embeddings = embeddings.to(device)
     for rows in tied_rows.split(tie_rows):
-        row_scores = embeddings[rows.to(device)] @ embeddings.T  # (b, N)
-        row_scores[torch.arange(len(rows), device=device), rows.to(device)] = float("-inf")
-        row_top_scores, row_top_indices = _exact_top_k(row_scores, k)
+        row_top_scores, row_top_indices = query_neighbours(embeddings, rows, k)
         scores[rows], indices[rows] = row_top_scores.cpu(), row_top_indices.cpu()
     _log_recomputed(len(tied_rows), num_items)
     return scores, indices
@@ -271,15 +261,16 @@ def _exact_top_k(row_scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
 def query_neighbours(embeddings: torch.Tensor, query_indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact top-k of a few queries against every other item, under `nearest_neighbours`' contract.
 
-    For pictures of a handful of queries: (Q, N) scores, self excluded by index, a stable full sort
-    (ties to the smaller index). Not for all N queries: that is `nearest_neighbours`' job.
+    For a handful of queries (pictures, rows tied at the k-th neighbour): (Q, N) scores, self excluded by
+    index, a stable full sort (ties to the smaller index). Not for all N queries: that is
+    `nearest_neighbours`' job. Computes on the embeddings' device.
 
-    Returns: scores (Q, k') float32 and indices (Q, k') int64 with k' = min(k, N - 1).
+    Returns: scores (Q, k') float32 and indices (Q, k') int64 with k' = min(k, N - 1), on that device.
     """
     embeddings = torch.as_tensor(embeddings, dtype=torch.float32)
-    query_indices = torch.as_tensor(query_indices, dtype=torch.int64)
+    query_indices = torch.as_tensor(query_indices, dtype=torch.int64).to(embeddings.device)
     row_scores = embeddings[query_indices] @ embeddings.T  # (Q, N)
-    row_scores[torch.arange(len(query_indices)), query_indices] = -torch.inf
+    row_scores[torch.arange(len(query_indices), device=embeddings.device), query_indices] = -torch.inf
     return _exact_top_k(row_scores, min(k, len(embeddings) - 1))
 
 

@@ -131,24 +131,19 @@ def available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def faiss_gpu_available() -> bool:
-    if not available("faiss"):
-        return False
-    import faiss
-
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
 def plan_cases(devices: list[str], notes: list[str]) -> list[tuple[str, str]]:
     """(case, device) pairs that can run here."""
     import torch
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from retrieval import faiss_gpu_count  # the same test as the search's own backend choice
 
     cases = []
     for device in devices:
         if device == "cuda" and not torch.cuda.is_available():
             notes.append("cuda: no GPU here, skipped")
             continue
-        faiss_here = available("faiss") if device == "cpu" else faiss_gpu_available()
+        faiss_here = available("faiss") if device == "cpu" else faiss_gpu_count() > 0
         if faiss_here:
             cases.append(("ours/faiss", device))
         else:

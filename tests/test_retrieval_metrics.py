@@ -340,10 +340,10 @@ def test_auto_backend_logs_its_reason(caplog):
 def test_backend_choice_on_cuda_without_a_gpu(monkeypatch):
     """Only the decision is testable here: faiss on the GPU while k + 2 <= 2048, torch on the GPU beyond."""
     cuda = torch.device("cuda")
-    monkeypatch.setattr(retrieval, "_faiss_gpu_count", lambda: 0)
+    monkeypatch.setattr(retrieval, "faiss_gpu_count", lambda: 0)
     assert retrieval._resolve_backend("auto", cuda, 1000)[:2] == ("torch", cuda)
     assert retrieval._resolve_backend("faiss", cuda, 1000)[:2] == ("faiss", torch.device("cpu"))
-    monkeypatch.setattr(retrieval, "_faiss_gpu_count", lambda: 1)
+    monkeypatch.setattr(retrieval, "faiss_gpu_count", lambda: 1)
     assert retrieval._resolve_backend("auto", cuda, 2046)[:2] == ("faiss", cuda)
     backend, device, reason = retrieval._resolve_backend("auto", cuda, 2047)
     assert (backend, device) == ("torch", cuda) and "2048" in reason

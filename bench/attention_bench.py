@@ -25,17 +25,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import Swinv2Config, Swinv2Model
+from transformers import Swinv2Model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.train_bench import swinv2_base_config, synchronize  # noqa: E402
 from model import tiny_backbone_config  # noqa: E402
 from swinv2_attention import use_sdpa_attention  # noqa: E402
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def median_seconds(calls: dict[str, Callable[[], None]], warmup: int, repeats: int,
@@ -78,10 +74,8 @@ def main() -> None:
     repeats = arguments.repeats or (10 if on_cuda else 5)
     if arguments.tiny:
         shape, config = "tiny 64 px", tiny_backbone_config(64)
-    else:  # microsoft/swinv2-base-patch4-window16-256's architecture
-        shape = "Swinv2-B/256 (window 16)"
-        config = Swinv2Config(image_size=256, patch_size=4, embed_dim=128, depths=[2, 2, 18, 2],
-                              num_heads=[4, 8, 16, 32], window_size=16)
+    else:
+        shape, config = "Swinv2-B/256 (window 16)", swinv2_base_config()
     precision = "bf16 autocast" if on_cuda else "fp32"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()
 

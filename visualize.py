@@ -18,6 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from dataloaders.image_files import load_rgb_image
+
 QUERY_COLOUR = (40, 100, 220)
 CORRECT_COLOUR = (30, 160, 60)
 WRONG_COLOUR = (215, 40, 40)
@@ -246,11 +248,15 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def _thumbnail(path: Path, size: int, font) -> Image.Image:
-    """The image letterboxed into a size x size square, or a grey "missing" tile when it cannot be read."""
+    """The image letterboxed into a size x size square, or a grey "missing" tile when it cannot be read.
+
+    Read as the model reads it (`load_rgb_image`: EXIF-upright, transparency on white), decoded at reduced
+    scale where the format allows.
+    """
     try:
-        with Image.open(path) as image:
-            return ImageOps.pad(image.convert("RGB"), (size, size), color=BACKGROUND_COLOUR)
-    except (OSError, ValueError, Image.DecompressionBombError):  # absent, unreadable or not an image
+        return ImageOps.pad(load_rgb_image(path, draft_size=size), (size, size), color=BACKGROUND_COLOUR)
+    # absent, unreadable, not an image, or too large
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):
         tile = Image.new("RGB", (size, size), MISSING_COLOUR)
         draw = ImageDraw.Draw(tile)
         left, top, right, bottom = draw.textbbox((0, 0), "missing", font=font)

@@ -67,6 +67,24 @@ def test_grid_size_and_border_colours(solid_images, tmp_path):
             assert tile_pixel(grid, layout, row, column, tile // 2, tile // 2) == SOLID_COLOURS[shown[row][column]]
 
 
+def test_thumbnails_show_photos_upright_as_the_model_reads_them(tmp_path):
+    # Stored 40 wide x 10 tall, red left / blue right, EXIF orientation 6: a viewer (and the model) sees it
+    # 10 wide x 40 tall, red on top.
+    stored = Image.new("RGB", (40, 10), (255, 0, 0))
+    stored.paste((0, 0, 255), (20, 0, 40, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    paths = [tmp_path / "sideways.jpg", tmp_path / "other.png"]
+    stored.save(paths[0], exif=exif, quality=95)
+    Image.new("RGB", (8, 8), (0, 0, 0)).save(paths[1])
+    grid = Image.open(retrieval_grid(np.array([0]), np.array([[1]]), np.array([[0.5]]), np.array([0, 0]), paths,
+                                     tmp_path / "grid.png", 40)).convert("RGB")
+    layout = GridLayout(rows=1, k=1, thumbnail_size=40)
+    top, bottom = (tile_pixel(grid, layout, 0, 0, BORDER + 20, BORDER + dy) for dy in (5, 35))
+    assert top[0] > 200 and top[2] < 60  # red above
+    assert bottom[2] > 200 and bottom[0] < 60  # blue below
+
+
 def test_missing_and_undecodable_images_become_placeholders(solid_images, tmp_path):
     paths, labels = solid_images
     paths = list(paths)

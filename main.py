@@ -610,14 +610,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # known data/model errors carry one-line messages
         from dataloaders import BadImageError, DataFormatError
         from dataloaders.cache import CacheError
+        from evaluation import NothingToEvaluateError
         from model import BackboneLoadError
         from trainer import NonFiniteLossError, NoTrainingImagesError, TrainingInterrupted
 
         if isinstance(error, TrainingInterrupted):
             print(f"interrupted: {error}", file=sys.stderr)
             return EXIT_INTERRUPTED
-        from evaluation import NothingToEvaluateError
-
         known = (DataFormatError, DataCheckFailed, BadImageError, BackboneLoadError, NonFiniteLossError, CacheError,
                  NoTrainingImagesError, NothingToEvaluateError)
         if arguments.debug or not isinstance(error, known):

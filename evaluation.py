@@ -35,6 +35,9 @@ class Embedded(NamedTuple):
     labels: torch.Tensor  # (N',) int64
     indices: torch.Tensor  # (N',) int64: position of each row's image in the loader's dataset
     skipped: list  # [(dataset index, reason, detail), ...]: images that could not be read (skip mode)
+    # Seconds the loop spent waiting for the loader's next batch. Batches are not synchronised with the
+    # device, so when the GPU is the limit the loop waits in kernel launches instead, and this stays small.
+    seconds_waiting_for_images: float = 0.0
 
 
 @torch.inference_mode()
@@ -49,20 +52,22 @@ def extract_embeddings(model: nn.Module, loader, device: torch.device, precision
     was_training = model.training
     model.eval()
     embeddings, labels, indices, skipped = [], [], [], []
+    waited, asked = 0.0, time.perf_counter()
     for images, batch_labels, batch_indices, batch_skipped in tqdm(loader, desc=description, leave=False, unit="batch"):
+        waited += time.perf_counter() - asked
         skipped += batch_skipped
-        if images is None:
-            continue
-        with autocast_context(device, precision):
-            batch_embeddings = model(images.to(device, non_blocking=True))
-        embeddings.append(batch_embeddings.float())  # stays on the device: no sync per batch
-        labels.append(batch_labels)
-        indices.append(batch_indices)
+        if images is not None:
+            with autocast_context(device, precision):
+                batch_embeddings = model(images.to(device, non_blocking=True))
+            embeddings.append(batch_embeddings.float())  # stays on the device: no sync per batch
+            labels.append(batch_labels)
+            indices.append(batch_indices)
+        asked = time.perf_counter()
     model.train(was_training)
     if not embeddings:  # every image skipped; `require_queries` turns this into a one-line error
         empty = torch.empty(0, dtype=torch.long)
-        return Embedded(torch.empty(0, 0), empty, empty, skipped)
-    return Embedded(torch.cat(embeddings).cpu(), torch.cat(labels).long(), torch.cat(indices).long(), skipped)
+        return Embedded(torch.empty(0, 0), empty, empty, skipped, waited)
+    return Embedded(torch.cat(embeddings).cpu(), torch.cat(labels).long(), torch.cat(indices).long(), skipped, waited)
 
 
 class NothingToEvaluateError(ValueError):

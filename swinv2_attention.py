@@ -11,6 +11,12 @@ load strictly, before or after the switch) whose forward calls SDPA instead:
 On CUDA the call runs PyTorch's memory-efficient kernel, the one fused kernel that takes a float mask
 with a gradient (flash and cuDNN refuse it); bench/attention_bench.py measures the gain.
 
+The continuous position bias is gathered from its ((2Wh-1)(2Ww-1), heads) table by `RelativePositionGather`,
+whose backward sums the (heads, T, T) gradient along the window's relative offsets with two small one-hot
+contractions instead of a scatter-add. Under torch.compile, inductor fused the scatter-add with the
+batch reduction of the mask gradient into one kernel that took 1.65 ms per stage-3 block, 20% of a
+Swinv2-B training step on an H200 (bench/profile_step.py).
+
 Only attributes present since Swinv2 entered transformers are used (query, key, value, logit_scale,
 continuous_position_bias_mlp, relative_coords_table, relative_position_index, dropout, window_size,
 num_attention_heads, attention_head_size, all_head_size).
@@ -29,12 +35,61 @@ from transformers.models.swinv2.modeling_swinv2 import Swinv2SelfAttention
 MAX_LOGIT_SCALE = math.log(1.0 / 0.01)
 
 
+def offset_one_hot(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(size, size, 2 * size - 1): entry [a, b, p] is 1 where a - b + size - 1 == p (token offset p)."""
+    positions = torch.arange(size, device=device)
+    offsets = positions[:, None] - positions[None, :] + size - 1
+    return (offsets[:, :, None] == torch.arange(2 * size - 1, device=device)).to(dtype)
+
+
+def separable_relative_position_index(window_size: tuple[int, int]) -> torch.Tensor:
+    """Swinv2's (T, T) index into the bias table, T = Wh * Ww, tokens in row-major order:
+    (yi - yj + Wh - 1) * (2 Ww - 1) + (xi - xj + Ww - 1)."""
+    window_h, window_w = window_size
+    y, x = torch.meshgrid(torch.arange(window_h), torch.arange(window_w), indexing="ij")
+    y, x = y.flatten(), x.flatten()
+    return (y[:, None] - y[None, :] + window_h - 1) * (2 * window_w - 1) + (x[:, None] - x[None, :] + window_w - 1)
+
+
+class RelativePositionGather(torch.autograd.Function):
+    """table[separable_relative_position_index(window)] laid out (heads, T, T), with a scatter-free backward.
+
+    The table gradient for offset (dy, dx) is the sum of the (heads, T, T) gradient over all token pairs
+    at that offset. The offsets separate into rows and columns, so the sum is two contractions with
+    small one-hot matrices (Ww^2 x (2Ww-1), then Wh^2 x (2Wh-1)), computed in float32 at least. The output
+    is heads-major and contiguous, the layout SDPA's mask needs, so the incoming gradient (the mask
+    gradient summed over the batch) is read in the order it is produced.
+    """
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor, window_h: int, window_w: int) -> torch.Tensor:
+        ctx.window, ctx.table_dtype = (window_h, window_w), table.dtype
+        tokens = window_h * window_w
+        return table[index.view(-1)].view(tokens, tokens, table.shape[-1]).permute(2, 0, 1).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        window_h, window_w = ctx.window
+        heads = grad.shape[0]
+        dtype = torch.promote_types(grad.dtype, torch.float32)
+        grad = grad.to(dtype).reshape(heads, window_h, window_w, window_h, window_w)  # [h, yi, xi, yj, xj]
+        rows = offset_one_hot(window_h, dtype, grad.device)
+        columns = offset_one_hot(window_w, dtype, grad.device)
+        by_column_offset = torch.einsum("hawbv,wvq->habq", grad, columns)
+        table_grad = torch.einsum("habq,abp->pqh", by_column_offset, rows)
+        return table_grad.reshape(-1, heads).to(ctx.table_dtype), None, None, None
+
+
 class SdpaSwinv2SelfAttention(Swinv2SelfAttention):
     """Swinv2SelfAttention with the same weights, computed by scaled_dot_product_attention.
 
     Not built directly: `use_sdpa_attention` changes the class of existing modules. With
     `output_attentions=True` it runs the eager forward, because SDPA does not return probabilities.
     """
+
+    # Set per module by use_sdpa_attention: whether relative_position_index has the layout that
+    # RelativePositionGather's backward assumes.
+    separable_index: bool = False
 
     def relative_position_bias(self) -> torch.Tensor:
         """Continuous relative-position bias, (heads, tokens, tokens), tokens = window_h * window_w.
@@ -43,9 +98,12 @@ class SdpaSwinv2SelfAttention(Swinv2SelfAttention):
         """
         tokens = self.window_size[0] * self.window_size[1]
         table = self.continuous_position_bias_mlp(self.relative_coords_table).view(-1, self.num_attention_heads)
-        bias = table[self.relative_position_index.view(-1)].view(tokens, tokens, -1)  # (T, T, nH)
+        if self.separable_index:
+            bias = RelativePositionGather.apply(table, self.relative_position_index, *self.window_size)
+        else:  # an index laid out otherwise than today's transformers: the plain gather, scatter-add backward
+            bias = table[self.relative_position_index.view(-1)].view(tokens, tokens, -1).permute(2, 0, 1)
         # Contiguous: the fused GPU kernels refuse a mask whose last dimension has a stride other than 1.
-        return 16 * torch.sigmoid(bias.permute(2, 0, 1).contiguous())  # (nH, T, T)
+        return 16 * torch.sigmoid(bias.contiguous())  # (nH, T, T)
 
     def forward(
         self,
@@ -108,5 +166,8 @@ def use_sdpa_attention(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is Swinv2SelfAttention:
             module.__class__ = SdpaSwinv2SelfAttention
+            expected = separable_relative_position_index(tuple(module.window_size))
+            index = module.relative_position_index
+            module.separable_index = index.shape == expected.shape and torch.equal(index.cpu(), expected)
             switched += 1
     return switched

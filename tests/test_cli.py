@@ -143,6 +143,9 @@ def test_eval_of_checkpoint_and_of_untrained_model_write_reports(tmp_path):
         assert all(0.0 <= report[key] <= 1.0 for key in REPORT_KEYS - {"num_queries"})
         assert report["num_images_listed"] == 16 and report["num_images_skipped"] == 0
         assert report["num_queries"] == 16  # 4 test classes x 4 images
+        # the timings that tell a slow start from a slow embedding loop
+        assert report["seconds_setup"] > 0 and report["seconds_embed"] > 0
+        assert 0 <= report["seconds_embed_waiting_for_images"] <= report["seconds_embed"]
     assert np.load(tmp_path / "run" / "test_embeddings.npy").shape == (16, 64)
     paths = (tmp_path / "run" / "test_paths.txt").read_text().splitlines()
     assert len(paths) == 16 and all((tmp_path / "demo_data" / path).is_file() for path in paths)

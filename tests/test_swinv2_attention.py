@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Swinv2Config, Swinv2Model
 
-from swinv2_attention import SdpaSwinv2SelfAttention, use_sdpa_attention
+from swinv2_attention import (RelativePositionGather, SdpaSwinv2SelfAttention, separable_relative_position_index,
+                              use_sdpa_attention)
 
 # image 64 / window 4: shifted windows with masks in stages 1-2, window clamped to the 4x4 map in stage 3.
 # image 72 / window 4: 18x18 and 9x9 maps are padded to the window, and shifted.
@@ -152,3 +153,53 @@ def test_attention_dropout_applies_in_training_only():
         assert (first - second).abs().max() > 1e-3  # a fresh dropout mask each call
         eager.eval(), sdpa.eval()
         assert (eager(pixel_values=pixels).pooler_output - sdpa(pixel_values=pixels).pooler_output).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("window", [(1, 1), (3, 5), (4, 4), (7, 2), (16, 16)])
+def test_relative_position_gather_matches_indexing_and_its_gradient(window):
+    """The scatter-free backward against autograd's scatter-add of plain indexing, in float64."""
+    torch.manual_seed(0)
+    tokens, entries = window[0] * window[1], (2 * window[0] - 1) * (2 * window[1] - 1)
+    index = separable_relative_position_index(window)
+    table = torch.randn(entries, 3, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(tokens, 3, tokens, dtype=torch.float64).transpose(0, 1)  # non-contiguous
+    gathered = RelativePositionGather.apply(table, index, *window)
+    (ours,) = torch.autograd.grad(gathered, table, upstream)
+    plain = table[index.view(-1)].view(tokens, tokens, 3).permute(2, 0, 1)
+    (expected,) = torch.autograd.grad(plain, table, upstream)
+    assert torch.equal(gathered, plain)
+    assert (ours - expected).abs().max() <= 1e-12 * expected.abs().max()
+    if tokens <= 20:  # gradcheck builds the full Jacobian, (tokens^2 * heads) x (entries * heads)
+        assert torch.autograd.gradcheck(lambda t: RelativePositionGather.apply(t, index, *window),
+                                        (torch.randn(entries, 2, dtype=torch.float64, requires_grad=True),))
+
+
+def test_relative_position_gather_returns_gradients_in_the_tables_dtype():
+    index = separable_relative_position_index((4, 4))
+    table = torch.randn(49, 2, dtype=torch.bfloat16, requires_grad=True)
+    RelativePositionGather.apply(table, index, 4, 4).float().sum().backward()
+    assert table.grad.dtype == torch.bfloat16
+    assert torch.equal(table.grad.float(), torch.bincount(index.flatten(), minlength=49).float()[:, None].expand(49, 2))
+
+
+def test_transformers_index_is_recognised_and_another_layout_falls_back_to_plain_indexing():
+    eager, sdpa = eager_and_sdpa(*CONFIGS["shifted"])
+    modules = [m for m in sdpa.modules() if isinstance(m, SdpaSwinv2SelfAttention)]
+    assert modules and all(m.separable_index for m in modules)
+
+    # A transposed index (every offset mirrored) is a valid table layout the separable backward does not assume.
+    eager, sdpa = eager_and_sdpa(*CONFIGS["shifted"])
+    for model in (eager, sdpa):
+        for module in model.modules():
+            if hasattr(module, "relative_position_index"):
+                module.relative_position_index.copy_(module.relative_position_index.t().contiguous())
+    for module in sdpa.modules():
+        if isinstance(module, SdpaSwinv2SelfAttention):
+            module.__class__ = type(eager.encoder.layers[0].blocks[0].attention.self)
+    assert use_sdpa_attention(sdpa) == 6
+    assert not any(m.separable_index for m in sdpa.modules() if isinstance(m, SdpaSwinv2SelfAttention))
+    pixels = torch.randn(2, 3, 64, 64)
+    eager_out, eager_grads = output_and_gradients(eager, pixels)
+    sdpa_out, sdpa_grads = output_and_gradients(sdpa, pixels)
+    assert (eager_out - sdpa_out).abs().max() <= 1e-5
+    assert (flat(eager_grads) - flat(sdpa_grads)).abs().max() <= 1e-5 * flat(eager_grads).abs().max()

@@ -25,6 +25,8 @@ num_attention_heads, attention_head_size, all_head_size).
 from __future__ import annotations
 
 import math
+import warnings
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +48,7 @@ def separable_relative_position_index(window_size: tuple[int, int]) -> torch.Ten
     """Swinv2's (T, T) index into the bias table, T = Wh * Ww, tokens in row-major order:
     (yi - yj + Wh - 1) * (2 Ww - 1) + (xi - xj + Ww - 1)."""
     window_h, window_w = window_size
-    y, x = torch.meshgrid(torch.arange(window_h), torch.arange(window_w), indexing="ij")
+    y, x = torch.meshgrid(torch.arange(window_h, device="cpu"), torch.arange(window_w, device="cpu"), indexing="ij")
     y, x = y.flatten(), x.flatten()
     return (y[:, None] - y[None, :] + window_h - 1) * (2 * window_w - 1) + (x[:, None] - x[None, :] + window_w - 1)
 
@@ -72,11 +74,13 @@ class RelativePositionGather(torch.autograd.Function):
         window_h, window_w = ctx.window
         heads = grad.shape[0]
         dtype = torch.promote_types(grad.dtype, torch.float32)
-        grad = grad.to(dtype).reshape(heads, window_h, window_w, window_h, window_w)  # [h, yi, xi, yj, xj]
-        rows = offset_one_hot(window_h, dtype, grad.device)
-        columns = offset_one_hot(window_w, dtype, grad.device)
-        by_column_offset = torch.einsum("hawbv,wvq->habq", grad, columns)
-        table_grad = torch.einsum("habq,abp->pqh", by_column_offset, rows)
+        # A backward called inside autocast would otherwise run the contractions in bf16.
+        with torch.autocast(grad.device.type, enabled=False):
+            grad = grad.to(dtype).reshape(heads, window_h, window_w, window_h, window_w)  # [h, yi, xi, yj, xj]
+            rows = offset_one_hot(window_h, dtype, grad.device)
+            columns = offset_one_hot(window_w, dtype, grad.device)
+            by_column_offset = torch.einsum("hawbv,wvq->habq", grad, columns)
+            table_grad = torch.einsum("habq,abp->pqh", by_column_offset, rows)
         return table_grad.reshape(-1, heads).to(ctx.table_dtype), None, None, None
 
 
@@ -166,8 +170,31 @@ def use_sdpa_attention(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is Swinv2SelfAttention:
             module.__class__ = SdpaSwinv2SelfAttention
-            expected = separable_relative_position_index(tuple(module.window_size))
-            index = module.relative_position_index
-            module.separable_index = index.shape == expected.shape and torch.equal(index.cpu(), expected)
+            module.separable_index = has_separable_index(module)
             switched += 1
     return switched
+
+
+def has_separable_index(module: Swinv2SelfAttention) -> bool:
+    """Whether the module's relative_position_index is `separable_relative_position_index` of its window.
+
+    A module built on the meta device has no index values yet; transformers fills the buffer later with the
+    code that builds it at construction, so a small module built on the CPU with the same window stands in.
+    Any other layout keeps the plain gather (correct, with the scatter-add backward) and says so once.
+    """
+    window = tuple(module.window_size)
+    index = module.relative_position_index
+    if index.is_meta:
+        try:
+            with torch.device("cpu"):
+                settings = SimpleNamespace(qkv_bias=True, attention_probs_dropout_prob=0.0)
+                index = Swinv2SelfAttention(settings, 1, 1, list(window)).relative_position_index
+        except Exception:  # noqa: BLE001 - another transformers' constructor: keep the plain gather
+            index = None
+    expected = separable_relative_position_index(window)
+    if index is not None and index.shape == expected.shape and torch.equal(index.cpu(), expected):
+        return True
+    warnings.warn("Swinv2 relative_position_index has a layout the SDPA attention's fast bias gradient does not "
+                  "recognise: using the plain gather (same results, slower backward under torch.compile)",
+                  stacklevel=3)
+    return False

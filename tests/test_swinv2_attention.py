@@ -196,10 +196,39 @@ def test_transformers_index_is_recognised_and_another_layout_falls_back_to_plain
     for module in sdpa.modules():
         if isinstance(module, SdpaSwinv2SelfAttention):
             module.__class__ = type(eager.encoder.layers[0].blocks[0].attention.self)
-    assert use_sdpa_attention(sdpa) == 6
+    with pytest.warns(UserWarning, match="plain gather"):
+        assert use_sdpa_attention(sdpa) == 6
     assert not any(m.separable_index for m in sdpa.modules() if isinstance(m, SdpaSwinv2SelfAttention))
     pixels = torch.randn(2, 3, 64, 64)
     eager_out, eager_grads = output_and_gradients(eager, pixels)
     sdpa_out, sdpa_grads = output_and_gradients(sdpa, pixels)
     assert (eager_out - sdpa_out).abs().max() <= 1e-5
     assert (flat(eager_grads) - flat(sdpa_grads)).abs().max() <= 1e-5 * flat(eager_grads).abs().max()
+
+
+@pytest.mark.parametrize("switch_inside_meta_context", [False, True])
+def test_switching_a_model_built_on_the_meta_device_recognises_the_index_layout(switch_inside_meta_context):
+    """No index values exist yet on the meta device (weights not loaded); the switch must neither fail
+    nor fall back to the scatter-add gather."""
+    with torch.device("meta"):
+        model = Swinv2Model(Swinv2Config(image_size=64, patch_size=4, embed_dim=32, depths=[2, 2], num_heads=[2, 4],
+                                         window_size=4))
+        if switch_inside_meta_context:
+            assert use_sdpa_attention(model) == 4
+    if not switch_inside_meta_context:
+        assert use_sdpa_attention(model) == 4
+    assert all(m.separable_index for m in model.modules() if isinstance(m, SdpaSwinv2SelfAttention))
+
+
+def test_relative_position_gather_backward_inside_autocast_stays_float32():
+    """A float32 table's gradient is summed in float32 even when backward() runs under bf16 autocast."""
+    torch.manual_seed(0)
+    index = separable_relative_position_index((8, 8))
+    table = torch.randn(225, 4, requires_grad=True)
+    upstream = torch.randn(4, 64, 64)
+    gathered = RelativePositionGather.apply(table, index, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gathered.backward(upstream)
+    exact = torch.zeros(225, 4, dtype=torch.float64).index_add_(
+        0, index.flatten(), upstream.double().permute(1, 2, 0).reshape(-1, 4))
+    assert (table.grad.double() - exact).abs().max() <= 1e-5 * exact.abs().max()

@@ -26,7 +26,6 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.synthetic_photos import write_sop_like_jpeg  # noqa: E402
+from bench.synthetic_photos import write_sop_like_jpegs  # noqa: E402
 from dataloaders import (ImageDataset, ImageList, build_transforms, collate_skipping_bad_images,  # noqa: E402
                          decode_size, read_folder_tree)
 from dataloaders.cache import build_cache, use_cache  # noqa: E402
@@ -67,18 +66,11 @@ class ReferenceDataset(torch.utils.data.Dataset):
 
 
 def synthetic_jpegs(folder: Path, count: int, workers: int) -> ImageList:
-    """`count` SOP-like 500 x 500 JPEGs (see bench/synthetic_photos.py) in one class folder.
-
-    Drawing one costs about 30 ms: up to UNIQUE_JPEGS are drawn, by `workers` processes, and the rest are
-    hard links to them. Each is still a file of its own that the loader opens and decodes.
-    """
+    """`count` SOP-like 500 x 500 JPEGs in one class folder, UNIQUE_JPEGS of them drawn and the rest hard
+    links (`synthetic_photos.write_sop_like_jpegs`)."""
     (folder / "c").mkdir(parents=True, exist_ok=True)
     paths = [f"c/{i:05d}.jpg" for i in range(count)]
-    unique = min(count, UNIQUE_JPEGS)
-    with ProcessPoolExecutor(max(1, workers)) as pool:
-        list(pool.map(write_sop_like_jpeg, [str(folder / p) for p in paths[:unique]], range(unique), chunksize=16))
-    for i in range(unique, count):
-        os.link(folder / paths[i % unique], folder / paths[i])
+    write_sop_like_jpegs(folder, paths, UNIQUE_JPEGS, workers)
     return ImageList(folder, tuple(paths), np.zeros(count, dtype=np.int64), np.zeros(count, dtype=np.int64))
 
 

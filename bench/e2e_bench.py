@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 UNIQUE_IMAGES = 2000
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.synthetic_photos import write_sop_like_jpeg  # noqa: E402
+from bench.synthetic_photos import link_repeats, write_sop_like_jpegs  # noqa: E402
 
 
 def sop_like_dataset(root: Path, num_images: int, size: int, workers: int) -> None:
@@ -48,12 +47,7 @@ def sop_like_dataset(root: Path, num_images: int, size: int, workers: int) -> No
     paths = [f"images/{i:06d}.jpg" for i in range(num_images)]
     # Encoding 60k JPEGs would cost more than the measurement: draw UNIQUE_IMAGES, hard-link the rest.
     # Every file is still opened and decoded separately, which is what the loader pays for.
-    unique = min(num_images, UNIQUE_IMAGES)
-    with ProcessPoolExecutor(workers) as pool:
-        list(pool.map(write_sop_like_jpeg, [str(root / p) for p in paths[:unique]], range(unique), [size] * unique,
-                      chunksize=16))
-    for i in range(unique, num_images):
-        os.link(root / paths[i % unique], root / paths[i])
+    write_sop_like_jpegs(root, paths, UNIQUE_IMAGES, workers, size)
     from dataloaders import write_sop_list
 
     write_sop_list(root / "Ebay_test.txt", paths, labels)
@@ -69,8 +63,7 @@ def downsized_cache(root: Path, cache_root: Path, image_size: int, workers: int)
     short_side = eval_resize_size(image_size)
     unique = min(len(test), UNIQUE_IMAGES)
     build_cache([test.subset(np.arange(unique))], cache_root, short_side, workers=workers)
-    for i in range(unique, len(test)):
-        os.link(cache_root / test.paths[i % unique], cache_root / test.paths[i])
+    link_repeats(cache_root, list(test.paths), unique)
     summary = build_cache([test], cache_root, short_side, workers=workers)  # reuses every file, writes the manifest
     assert not summary["failed"] and summary["reused"] == len(test), summary
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ImageFile
 
-from .image_files import describe_image_error, is_system_error, load_rgb_image
+from .image_files import describe_image_error, load_rgb_image
 from .image_lists import ImageList
 
 MAX_LISTED_BAD_IMAGES = 50  # per split, in format_check_report
@@ -34,8 +34,6 @@ def check_image(path: Path, decode: bool = True) -> tuple[str, str] | None:
     try:
         load_rgb_image(Path(path), decode=decode)
     except Exception as error:  # noqa: BLE001 - a damaged file can make any decoder raise; report it, do not crash
-        if is_system_error(error):
-            raise
         return describe_image_error(Path(path), error)
     return None
 

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from .image_files import BadImageError, bad_image_message, describe_image_error, is_system_error, load_rgb_tensor
+from .image_files import BadImageError, bad_image_message, describe_image_error, load_rgb_tensor
 from .image_lists import ImageList
 
 
@@ -51,8 +51,6 @@ class ImageDataset(Dataset):
         try:
             image = load_rgb_tensor(path, self.decode_size)
         except Exception as error:  # noqa: BLE001 - any decoder error means this file is bad; name it
-            if is_system_error(error):
-                raise
             reason, detail = describe_image_error(path, error)
             if not self.skip_bad_images:
                 raise BadImageError(bad_image_message(path, reason, detail)) from None

@@ -139,12 +139,15 @@ def _high_depth_to_8_bit(image: Image.Image) -> Image.Image:
 
 
 def describe_image_error(path: Path, error: BaseException) -> tuple[str, str]:
-    """(reason, detail) for a failure of `load_rgb_image(path)`.
+    """(reason, detail) for a failure of `load_rgb_image(path)`; a system error (`is_system_error`) is
+    raised again instead, since it says nothing about the file.
 
     Reasons: "missing" (no such file, or not a regular file), "empty" (zero bytes), "not_an_image" (PIL
     does not recognise the format), "too_large" (decompression-bomb limit), "truncated" (the data ends
     early), "corrupt" (any other decoding error; the detail keeps the exception's type and message).
     """
+    if is_system_error(error):
+        raise error
     path = Path(path)
     try:
         size = path.stat().st_size

@@ -478,13 +478,21 @@ def test_machine_errors_are_raised_not_recorded_as_bad_images(tmp_path, monkeypa
 
     image_list, _ = damaged_list(tmp_path)
 
-    def too_many_open_files(path, draft_size=None):
+    def too_many_open_files(path, *args, **options):
         raise OSError(errno.EMFILE, "Too many open files")
 
     monkeypatch.setattr(datasets_module, "load_rgb_tensor", too_many_open_files)
     with pytest.raises(OSError) as raised:
         ImageDataset(image_list, lambda picture: picture, skip_bad_images=True)[0]
     assert raised.value.errno == errno.EMFILE and not isinstance(raised.value, BadImageError)
+
+    # The data check too: the file is not reported bad, the error comes through.
+    import dataloaders.checks as checks_module
+
+    monkeypatch.setattr(checks_module, "load_rgb_image", too_many_open_files)
+    with pytest.raises(OSError) as raised:
+        checks_module.check_image(image_list.root / image_list.paths[0])
+    assert raised.value.errno == errno.EMFILE
 
 
 def test_a_single_k_is_accepted(folders):

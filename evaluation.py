@@ -38,6 +38,39 @@ class Embedded(NamedTuple):
     # Seconds the loop spent waiting for the loader's next batch. Batches are not synchronised with the
     # device, so when the GPU is the limit the loop waits in kernel launches instead, and this stays small.
     seconds_waiting_for_images: float = 0.0
+    seconds_to_first_batch: float = 0.0  # of the wait above: worker start and the first batch
+    # CUDA only (None elsewhere): the device's own time from each batch's copy to the end of its forward,
+    # summed. Near the embedding time, the GPU was the limit; well below it, the GPU sat idle between batches.
+    seconds_on_device: float | None = None
+
+
+class DeviceSpans:
+    """Sums the device time of marked spans on the current CUDA stream, without synchronising per span."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.enabled = device.type == "cuda"
+        self.spans: list[tuple] = []
+
+    def begin(self):
+        if not self.enabled:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def end(self, began) -> None:
+        if self.enabled:
+            ended = torch.cuda.Event(enable_timing=True)
+            ended.record()
+            self.spans.append((began, ended))
+
+    def total_seconds(self) -> float | None:
+        """Waits for the last span; None off CUDA."""
+        if not self.enabled:
+            return None
+        if self.spans:
+            self.spans[-1][1].synchronize()
+        return sum(began.elapsed_time(ended) for began, ended in self.spans) / 1000
 
 
 @torch.inference_mode()
@@ -52,22 +85,28 @@ def extract_embeddings(model: nn.Module, loader, device: torch.device, precision
     was_training = model.training
     model.eval()
     embeddings, labels, indices, skipped = [], [], [], []
-    waited, asked = 0.0, time.perf_counter()
+    device_spans = DeviceSpans(device)
+    waited, first_wait, asked = 0.0, None, time.perf_counter()
     for images, batch_labels, batch_indices, batch_skipped in tqdm(loader, desc=description, leave=False, unit="batch"):
         waited += time.perf_counter() - asked
+        first_wait = waited if first_wait is None else first_wait
         skipped += batch_skipped
         if images is not None:
+            began = device_spans.begin()
             with autocast_context(device, precision):
                 batch_embeddings = model(images.to(device, non_blocking=True))
+            device_spans.end(began)
             embeddings.append(batch_embeddings.float())  # stays on the device: no sync per batch
             labels.append(batch_labels)
             indices.append(batch_indices)
         asked = time.perf_counter()
     model.train(was_training)
+    timing = {"seconds_waiting_for_images": waited, "seconds_to_first_batch": first_wait or 0.0,
+              "seconds_on_device": device_spans.total_seconds()}
     if not embeddings:  # every image skipped; `require_queries` turns this into a one-line error
         empty = torch.empty(0, dtype=torch.long)
-        return Embedded(torch.empty(0, 0), empty, empty, skipped, waited)
-    return Embedded(torch.cat(embeddings).cpu(), torch.cat(labels).long(), torch.cat(indices).long(), skipped, waited)
+        return Embedded(torch.empty(0, 0), empty, empty, skipped, **timing)
+    return Embedded(torch.cat(embeddings).cpu(), torch.cat(labels).long(), torch.cat(indices).long(), skipped, **timing)
 
 
 class NothingToEvaluateError(ValueError):

@@ -505,6 +505,9 @@ def run_eval(config, checkpoint_arg, output: Path | None, visualize: int = 0) ->
     # seconds_setup: imports, device start, model load, image list; for telling a slow start from a slow loop.
     report.update(seconds_setup=round(started - entered, 3), seconds_embed=round(seconds_embed, 3),
                   seconds_embed_waiting_for_images=round(embedded.seconds_waiting_for_images, 3),
+                  seconds_embed_to_first_batch=round(embedded.seconds_to_first_batch, 3),
+                  seconds_embed_on_device=(None if embedded.seconds_on_device is None
+                                           else round(embedded.seconds_on_device, 3)),
                   model=description, split="test",
                   num_images_listed=len(test_list), num_images_skipped=len(embedded.skipped))
 

@@ -119,6 +119,8 @@ def main() -> None:
     result = {"images": num_images, "wall_seconds": round(wall, 2), "seconds_setup": report["seconds_setup"],
               "seconds_embed": report["seconds_embed"],
               "seconds_embed_waiting_for_images": report["seconds_embed_waiting_for_images"],
+              "seconds_embed_to_first_batch": report["seconds_embed_to_first_batch"],
+              "seconds_embed_on_device": report["seconds_embed_on_device"],
               "seconds_search": report["seconds_search"], "seconds_metrics": report["seconds_metrics"],
               "embed_images_per_second": round(num_images / report["seconds_embed"], 1),
               "attention": arguments.attention, "batch_size": arguments.batch_size, "workers": arguments.workers,
@@ -127,11 +129,12 @@ def main() -> None:
     # setup: process start to the first batch asked for (imports, device, model load); the rest of the wall
     # time after the metrics is the report, the saved embeddings and the picture.
     print("\n| images | from | whole eval command (s) | setup (s) | embedding (s) | of which waiting for images (s) "
-          "| images/s | kNN search (s) | metrics (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| of which first batch (s) | device busy (s) | images/s | kNN search (s) | metrics (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     source = "cache" if arguments.cache else "originals"
     print(f"| {num_images} | {source} | {result['wall_seconds']} | {result['seconds_setup']} | {result['seconds_embed']} | "
-          f"{result['seconds_embed_waiting_for_images']} | {result['embed_images_per_second']} | "
+          f"{result['seconds_embed_waiting_for_images']} | {result['seconds_embed_to_first_batch']} | "
+          f"{result['seconds_embed_on_device']} | {result['embed_images_per_second']} | "
           f"{result['seconds_search']} | {result['seconds_metrics']} |")
     if arguments.out:
         arguments.out.write_text(json.dumps(result, indent=2))

@@ -67,6 +67,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "map_ks": [1000],  # mAP@k: precision averaged over the hits in the top k, divided by min(k, R)
         "backend": "auto",  # auto | faiss | torch
         "batch_size": 128,  # images per forward pass when embedding
+        "cuda_graph": True,  # on CUDA, replay the embedding forward from one captured graph (not with train.compile)
         "memory_gb": 1.0,  # working memory of the exact kNN search (its block size follows from this)
     },
     "output": {

@@ -14,18 +14,22 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from graphed_inference import inference_forward
 from metrics import relevant_counts, retrieval_metrics
 from retrieval import nearest_neighbours
 
 METRIC_KEYS_AFTER_RECALL = ("map@r", "r_precision", "mrr")
 
 
-def autocast_context(device: torch.device, precision: str):
-    """The one mixed-precision switch used by training and embedding: fp32 means no autocast."""
+def autocast_context(device: torch.device, precision: str, cache_enabled: bool = True):
+    """The one mixed-precision switch used by training and embedding: fp32 means no autocast.
+
+    cache_enabled=False: no reuse of a weight's cast within the context, as CUDA graph capture needs.
+    """
     if precision == "fp32":
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 class Embedded(NamedTuple):
@@ -75,26 +79,33 @@ class DeviceSpans:
 
 @torch.inference_mode()
 def extract_embeddings(model: nn.Module, loader, device: torch.device, precision: str,
-                       description: str = "embed") -> Embedded:
+                       description: str = "embed", cuda_graph: bool = False) -> Embedded:
     """Embed every image of `loader` in order.
 
     The loader yields `(images, labels, indices, skipped)` batches (`collate_skipping_bad_images`);
     N' = N minus the skipped images, and `indices` says which images the rows are; with every image
-    skipped, N' = 0 and the embeddings are an empty (0, 0) tensor.
+    skipped, N' = 0 and the embeddings are an empty (0, 0) tensor. cuda_graph: on CUDA, replay the
+    forward from one captured graph (graphed_inference.py; eval.cuda_graph).
     """
     was_training = model.training
     model.eval()
     embeddings, labels, indices, skipped = [], [], [], []
     device_spans = DeviceSpans(device)
+    embed = None  # chosen at the first batch, whose shape a CUDA graph is captured at
+
+    def autocast():
+        return autocast_context(device, precision, cache_enabled=False)
     waited, first_wait, asked = 0.0, None, time.perf_counter()
     for images, batch_labels, batch_indices, batch_skipped in tqdm(loader, desc=description, leave=False, unit="batch"):
         waited += time.perf_counter() - asked
         first_wait = waited if first_wait is None else first_wait
         skipped += batch_skipped
         if images is not None:
+            if embed is None:
+                batch_rows = getattr(loader, "batch_size", None) or len(images)
+                embed = inference_forward(model, images, batch_rows, device, autocast, cuda_graph)
             began = device_spans.begin()
-            with autocast_context(device, precision):
-                batch_embeddings = model(images.to(device, non_blocking=True))
+            batch_embeddings = embed(images)
             device_spans.end(began)
             embeddings.append(batch_embeddings.float())  # stays on the device: no sync per batch
             labels.append(batch_labels)

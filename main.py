@@ -307,7 +307,8 @@ def run_train(config, resume: bool, overwrite: bool) -> dict:
         val_recall_ks = [k for k in config.eval.recall_ks if k <= len(val_list) - 1] or [1]
 
         def validate(trained_model):
-            embedded = extract_embeddings(trained_model, val_loader, device, config.train.precision, "validate")
+            embedded = extract_embeddings(trained_model, val_loader, device, config.train.precision, "validate",
+                                          embedding_cuda_graph(config))
             skip_log.record("validation", val_list, embedded.skipped, "validation")
             require_queries(embedded, "validation", len(val_list), skip_log.path)
             return evaluate_embeddings(embedded.embeddings, embedded.labels, val_recall_ks, config.eval.backend,
@@ -384,6 +385,12 @@ def refuse_changed_training_list(checkpoint: dict, train_list, path: Path) -> No
         raise UsageError(f"the training list differs from the one {path} was trained on ({saved['num_images']} "
                          f"images then, {len(train_list)} now): files changed or went bad, or data.startup_check / "
                          f"data.on_bad_image changed. Restore them to resume, or start afresh with --overwrite")
+
+
+def embedding_cuda_graph(config) -> bool:
+    """eval.cuda_graph, except for a compiled backbone: its forward is a few fused kernels already, and
+    capturing it would mix torch.compile's own machinery into the capture."""
+    return config.eval.cuda_graph and not config.train.compile
 
 
 def load_model_for_eval(config, checkpoint_arg, device):
@@ -479,7 +486,8 @@ def run_eval(config, checkpoint_arg, output: Path | None, visualize: int = 0) ->
     loader = evaluation_loader(test_list, config, device)
     started = time.perf_counter()
     try:
-        embedded = extract_embeddings(model, loader, device, config.train.precision, "embed test set")
+        embedded = extract_embeddings(model, loader, device, config.train.precision, "embed test set",
+                                      embedding_cuda_graph(config))
     finally:
         stop_loader_workers(loader)
     seconds_embed = time.perf_counter() - started

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared device session: every GPU measurement of the benches, results as JSON under $OUT.
 #   OUT=/tmp/out bash bench/gpu_session.sh                 (on a CUDA machine; each step has its own time limit)
-#   STEPS="e2e e2e_cache data_cpu16 eval_gpu" OUT=/tmp/out bash bench/gpu_session.sh     (only the named steps)
+#   STEPS="embed_graph cuda_tests e2e e2e_cache data_cpu16 eval_gpu" OUT=/tmp/out bash bench/gpu_session.sh
+#                                                             (only the named steps: the second half)
 # The device tool allows 600 s per command and 900 s per session. The default first half is the training
 # measurements (about 390 s on an H200, limits 530 s); the second half, the evaluation and loading ones
 # (about 240 s, limits 510 s). Run the second at once, while the machine is still warm.
@@ -35,8 +36,13 @@ step train_rest 150 $PY bench/train_bench.py --steps 6 --warmup 2 \
   --out "$OUT/train_rest.json"
 # Where the compiled training step's GPU time goes, by kernel.
 step profile 180 $PY bench/profile_step.py --out "$OUT/profile.json"
-# Second half: end to end from the originals and from the downsized cache (untimed build), the loader on
-# the device's CPUs, exact kNN.
+# Second half: the CUDA-graph embedding (checked against the plain forward, then 100 batches of each), the
+# CUDA-only tests when pytest is there, end to end from the originals and from the downsized cache (untimed
+# build), the loader on the device's CPUs, exact kNN.
+step embed_graph 100 $PY bench/train_bench.py --steps 100 --warmup 3 --only "channels-last" --out "$OUT/embed_graph.json"
+if $PY -c "import pytest" 2>/dev/null; then
+  step cuda_tests 60 $PY -m pytest -q -p no:cacheprovider tests/test_graphed_inference.py -k cuda
+fi
 step e2e 150 $PY bench/e2e_bench.py --images 60502 --workers 16 --out "$OUT/e2e.json"
 step e2e_cache 160 $PY bench/e2e_bench.py --images 60502 --workers 16 --cache --out "$OUT/e2e_cache.json"
 step data_cpu16 120 $PY bench/data_bench.py --workers 16 --images 4000 --out "$OUT/data_bench16.json"

@@ -27,6 +27,7 @@ from transformers import Swinv2Config, Swinv2Model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from graphed_inference import inference_forward  # noqa: E402
 from model import Embedder, apply_speed_options, tiny_backbone_config  # noqa: E402
 from objective import MetricLearningObjective  # noqa: E402
 from trainer import Trainer, build_optimizer, warmup_cosine_schedule  # noqa: E402
@@ -108,15 +109,48 @@ def our_step_runner(config: Swinv2Config, device: torch.device, batch: int, prec
     return (lambda: trainer.train_step(images, labels)), len(labels)
 
 
-def embed_runner(config: Swinv2Config, device: torch.device, batch: int, attention: str, compile_backbone: bool):
+def embed_runner(config: Swinv2Config, device: torch.device, batch: int, attention: str, compile_backbone: bool,
+                 channels_last: bool = False):
+    """channels_last: the batch laid out as the loader's collate hands it over (B, H, W, 3 in memory)."""
     model = apply_speed_options(Embedder(Swinv2Model(config), 512).to(device).eval(), attention,
                                 compile_backbone=compile_backbone)
     images = torch.randint(0, 256, (batch, 3, config.image_size, config.image_size), dtype=torch.uint8, device=device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
 
     def step():
         with torch.inference_mode(), autocast:
             model(images)
+
+    return step, batch
+
+
+def graphed_embed_runner(config: Swinv2Config, device: torch.device, batch: int):
+    """SDPA embedding through `inference_forward` with eval.cuda_graph on (on CUDA: one captured graph).
+
+    Checks the graph against the plain forward first, for a full batch and a padded short one, and prints
+    the largest difference.
+    """
+    model = apply_speed_options(Embedder(Swinv2Model(config), 512).to(device).eval(), "sdpa")
+    images = torch.randint(0, 256, (batch, 3, config.image_size, config.image_size), dtype=torch.uint8,
+                           device=device).contiguous(memory_format=torch.channels_last)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+    with torch.inference_mode():
+        with autocast():
+            plain = model(images)
+        embed = inference_forward(model, images, batch, device, autocast, cuda_graph=True)
+        short = max(1, batch // 3)
+        difference = max((embed(images) - plain).abs().max().item(), (embed(images[:short]) - plain[:short]).abs().max().item())
+    print(json.dumps({"check": "CUDA graph vs plain forward", "graph": type(embed).__name__ != "function",
+                      "max_abs_difference": difference}), flush=True)
+
+    def step():
+        with torch.inference_mode():
+            embed(images)
 
     return step, batch
 
@@ -157,6 +191,10 @@ def main() -> None:
          lambda: our_step_runner(config, device, batch, precision, "sdpa", False, True, True)),
         ("embed bf16: eager attention", "embed", lambda: embed_runner(config, device, embed_batch, "eager", False)),
         ("embed bf16: SDPA attention", "embed", lambda: embed_runner(config, device, embed_batch, "sdpa", False)),
+        ("embed bf16: SDPA attention, channels-last batch as the loader gives", "embed",
+         lambda: embed_runner(config, device, embed_batch, "sdpa", False, channels_last=True)),
+        ("embed bf16: SDPA + CUDA graph (eval.cuda_graph), channels-last batch", "embed",
+         lambda: graphed_embed_runner(config, device, embed_batch)),
         ("embed bf16: SDPA + torch.compile", "embed", lambda: embed_runner(config, device, embed_batch, "sdpa", True)),
     ]
     if arguments.skip_compile:

@@ -1,0 +1,117 @@
+"""The CUDA-graph embedding path: padding of short batches, layouts, fallbacks, and (on CUDA) the graph itself."""
+
+import warnings
+
+import pytest
+import torch
+
+from evaluation import autocast_context, extract_embeddings
+from graphed_inference import PaddedBatches, inference_forward, static_batch_like
+from model import Embedder, load_backbone
+
+IMAGE_SIZE = 32
+
+
+def tiny_embedder() -> Embedder:
+    torch.manual_seed(0)
+    return Embedder(load_backbone("tiny", IMAGE_SIZE), 8).eval()
+
+
+def loader_batch(rows: int, seed: int, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """uint8 images laid out as the loaders' collate hands them over: (B, 3, H, W) viewing (B, H, W, 3)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (rows, size, size, 3), dtype=torch.uint8, generator=generator).permute(0, 3, 1, 2)
+
+
+def test_static_batch_keeps_the_loaders_channels_last_layout_and_plain_layout():
+    channels_last = loader_batch(3, 0)
+    static = static_batch_like(channels_last, 5, torch.device("cpu"))
+    assert static.shape == (5, 3, IMAGE_SIZE, IMAGE_SIZE) and static.dtype == torch.uint8
+    # (H * W * 3, 1, W * 3, 3): the batch's own strides, so filling it is one plain copy
+    assert static.stride() == channels_last.stride() == (IMAGE_SIZE * IMAGE_SIZE * 3, 1, IMAGE_SIZE * 3, 3)
+    plain = static_batch_like(channels_last.contiguous(), 5, torch.device("cpu"))
+    assert plain.is_contiguous() and int(plain.sum()) == 0
+
+
+def test_padded_batches_give_each_batch_its_own_rows_as_the_model_alone_does():
+    model = tiny_embedder()
+    batches = [loader_batch(4, 1), loader_batch(4, 2), loader_batch(2, 3), loader_batch(4, 4)]
+    static = static_batch_like(batches[0], 4, torch.device("cpu"))
+    static_output = torch.empty(4, 8)
+    seen_by_model = []
+
+    def forward_full():  # stands in for a graph replay: reads the whole static batch, writes one output buffer
+        seen_by_model.append(static.clone())
+        return static_output.copy_(model(static))
+
+    run = PaddedBatches(static, forward_full, fallback=model)
+    with torch.inference_mode():
+        outputs = [run(batch) for batch in batches]
+        expected = [model(batch) for batch in batches]
+    # each output is its own copy: the later calls, which reuse the output buffer, left it as it was
+    for output, want, batch in zip(outputs, expected, batches, strict=True):
+        assert output.shape == (len(batch), 8)
+        torch.testing.assert_close(output, want, rtol=0, atol=1e-6)
+    # the short batch went in padded with black images, and the next full batch overwrote the padding
+    assert torch.equal(seen_by_model[2][:2], batches[2]) and int(seen_by_model[2][2:].sum()) == 0
+    assert torch.equal(seen_by_model[3], batches[3])
+
+
+def test_batches_that_do_not_fit_the_static_shape_take_the_fallback():
+    model = tiny_embedder()
+    static = static_batch_like(loader_batch(2, 0), 2, torch.device("cpu"))
+    fallback_calls = []
+
+    def fallback(images):
+        fallback_calls.append(images.shape)
+        return model(images)
+
+    run = PaddedBatches(static, lambda: model(static), fallback)
+    with torch.inference_mode():
+        run(loader_batch(3, 1))  # more rows than captured
+        run(loader_batch(2, 2, size=64))  # another image size
+        run(loader_batch(2, 3).float())  # another dtype
+        run(loader_batch(1, 4))  # fits
+    assert [shape[0] for shape in fallback_calls] == [3, 2, 2]
+
+
+def test_inference_forward_off_cuda_is_the_plain_autocast_forward():
+    model = tiny_embedder()
+    images = loader_batch(3, 5)
+    device = torch.device("cpu")
+    with torch.inference_mode():
+        embed = inference_forward(model, images, 3, device, lambda: autocast_context(device, "bf16"), cuda_graph=True)
+        assert not isinstance(embed, PaddedBatches)
+        with autocast_context(device, "bf16"):
+            expected = model(images)
+        torch.testing.assert_close(embed(images), expected, rtol=0, atol=0)
+
+
+def test_extract_embeddings_with_cuda_graph_asked_matches_without_on_the_cpu():
+    model = tiny_embedder()
+    images = [loader_batch(4, 6), loader_batch(3, 7)]
+    batches = [(batch, torch.arange(len(batch)), torch.arange(len(batch)), []) for batch in images]
+    with_graph = extract_embeddings(model, batches, torch.device("cpu"), "fp32", cuda_graph=True)
+    without = extract_embeddings(model, batches, torch.device("cpu"), "fp32", cuda_graph=False)
+    assert with_graph.embeddings.shape == (7, 8)
+    torch.testing.assert_close(with_graph.embeddings, without.embeddings, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_captured_graph_matches_the_plain_forward_on_cuda():
+    device = torch.device("cuda")
+    model = tiny_embedder().to(device)
+    full, short = loader_batch(6, 8), loader_batch(2, 9)
+
+    def autocast():
+        return autocast_context(device, "bf16", cache_enabled=False)
+
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture would warn and fall back
+        embed = inference_forward(model, full.to(device), 6, device, autocast, cuda_graph=True)
+        assert isinstance(embed, PaddedBatches)
+        graphed = [embed(full.pin_memory()), embed(short), embed(full.to(device))]
+        with autocast():
+            plain = [model(full.to(device)), model(short.to(device)), model(full.to(device))]
+    for output, want in zip(graphed, plain, strict=True):
+        torch.testing.assert_close(output, want, rtol=0, atol=2e-2)

@@ -144,6 +144,7 @@ def apply_speed_options(model: Embedder, attention: str = "eager", grad_checkpoi
                         compile_backbone: bool = False, compile_backend="inductor") -> Embedder:
     """Switches that change speed and memory, never the weights or the state_dict keys.
 
+    Always: each shifted Swinv2 layer's window mask is built once and kept on the model's device.
     attention `sdpa`: transformers' eager Swinv2 attention replaced by a numerically equivalent
     scaled_dot_product_attention module (swinv2_attention.py). grad_checkpointing: recompute block
     activations in the backward pass. compile_backbone: torch.compile, in place (Module.compile keeps
@@ -151,9 +152,10 @@ def apply_speed_options(model: Embedder, attention: str = "eager", grad_checkpoi
     tests use "aot_eager" (the same graph capture and autograd tracing, without inductor's minutes of code
     generation on a CPU).
     """
-    if attention == "sdpa":
-        from swinv2_attention import use_sdpa_attention
+    from swinv2_attention import cache_shift_masks, use_sdpa_attention
 
+    cache_shift_masks(model.backbone)  # same mask, built once: no per-forward host copy (CUDA graphs need that)
+    if attention == "sdpa":
         use_sdpa_attention(model.backbone)
     if grad_checkpointing:
         # transformers >= 5.2x renamed it; older 5.x only has the first name

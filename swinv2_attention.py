@@ -24,6 +24,7 @@ num_attention_heads, attention_head_size, all_head_size).
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from types import SimpleNamespace
@@ -31,10 +32,12 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.swinv2.modeling_swinv2 import Swinv2SelfAttention
+from transformers.models.swinv2.modeling_swinv2 import Swinv2Layer, Swinv2SelfAttention
 
 # Swinv2 clamps the learnt per-head temperature at 1 / 0.01 (logit_scale <= log(100)).
 MAX_LOGIT_SCALE = math.log(1.0 / 0.01)
+# transformers up to 5.17 builds the shifted-window mask on the host (no `device` argument) and copies it over.
+MASK_BUILT_ON_DEVICE = "device" in inspect.signature(Swinv2Layer.get_attn_mask).parameters
 
 
 def offset_one_hot(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -198,3 +201,49 @@ def has_separable_index(module: Swinv2SelfAttention) -> bool:
                   "recognise: using the plain gather (same results, slower backward under torch.compile)",
                   stacklevel=3)
     return False
+
+
+class CachedMaskSwinv2Layer(Swinv2Layer):
+    """Swinv2Layer whose shifted-window mask is built once, at its input resolution, and kept on the layer's device.
+
+    transformers rebuilds the mask in every forward of every shifted layer; up to 5.17 it does so on the
+    host and copies it to the GPU, a blocking copy (a stream synchronisation) in 11 layers of each
+    Swinv2-B forward, which a CUDA graph capture refuses outright. The cache is a non-persistent buffer:
+    it moves with the module and stays out of the state dict. Other input sizes use transformers' own mask.
+    """
+
+    shift_mask_key: tuple = ()  # (height_pad, width_pad, window_size, shift_size) the cached mask is for
+
+    def get_attn_mask(self, height, width, dtype, device=None):
+        cached = getattr(self, "cached_shift_mask", None)
+        if cached is None or (height, width, self.window_size, self.shift_size) != self.shift_mask_key:
+            if MASK_BUILT_ON_DEVICE:
+                return super().get_attn_mask(height, width, dtype, device=device)
+            return super().get_attn_mask(height, width, dtype)  # on the host; the caller moves it
+        return cached if cached.dtype == dtype else cached.to(dtype)
+
+
+def cache_shift_masks(model: nn.Module) -> int:
+    """Switch every Swinv2Layer with a shifted window inside `model` to CachedMaskSwinv2Layer, in place.
+
+    Returns the number of layers switched by this call (layers without a shift have no mask to cache).
+    """
+    switched = 0
+    for module in model.modules():
+        if type(module) is not Swinv2Layer or module.shift_size <= 0:
+            continue
+        height, width = module.input_resolution
+        window = module.window_size
+        key = (height + (window - height % window) % window, width + (window - width % window) % window,
+               window, module.shift_size)
+        device = next(module.parameters()).device
+        if device.type == "meta":  # no values to compute with yet: leave transformers' mask
+            continue
+        # A plain tensor even when called under inference_mode, so that training can use it too.
+        with torch.inference_mode(False), torch.no_grad():
+            mask = Swinv2Layer.get_attn_mask(module, key[0], key[1], torch.float32).to(device)
+        module.__class__ = CachedMaskSwinv2Layer
+        module.shift_mask_key = key
+        module.register_buffer("cached_shift_mask", mask, persistent=False)
+        switched += 1
+    return switched

@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 
+from conftest import host_tensor_spy
 from evaluation import autocast_context, extract_embeddings
 from graphed_inference import PaddedBatches, inference_forward, static_batch_like
 from model import Embedder, load_backbone
@@ -115,3 +116,15 @@ def test_captured_graph_matches_the_plain_forward_on_cuda():
             plain = [model(full.to(device)), model(short.to(device)), model(full.to(device))]
     for output, want in zip(graphed, plain, strict=True):
         torch.testing.assert_close(output, want, rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_embedding_forward_touches_no_host_tensor_once_the_speed_options_are_on(attention):
+    """What a CUDA graph capture needs: no host tensor and no copy from the host inside the forward ('meta'
+    stands in for the GPU: a host tensor meeting it shows up as an operation with a CPU argument)."""
+    from model import apply_speed_options
+
+    model = apply_speed_options(Embedder(load_backbone("tiny", 64), 8).eval(), attention).to("meta")
+    with host_tensor_spy() as spy, torch.inference_mode():
+        model(torch.empty(2, 3, 64, 64, dtype=torch.uint8, device="meta"))
+    assert spy.host_ops == []

@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import Swinv2Config, Swinv2Model
+from transformers.models.swinv2.modeling_swinv2 import Swinv2Layer
 
-from swinv2_attention import (RelativePositionGather, SdpaSwinv2SelfAttention, separable_relative_position_index,
-                              use_sdpa_attention)
+from conftest import host_tensor_spy
+from swinv2_attention import (CachedMaskSwinv2Layer, RelativePositionGather, SdpaSwinv2SelfAttention,
+                              cache_shift_masks, separable_relative_position_index, use_sdpa_attention)
 
 # image 64 / window 4: shifted windows with masks in stages 1-2, window clamped to the 4x4 map in stage 3.
 # image 72 / window 4: 18x18 and 9x9 maps are padded to the window, and shifted.
@@ -232,3 +234,64 @@ def test_relative_position_gather_backward_inside_autocast_stays_float32():
     exact = torch.zeros(225, 4, dtype=torch.float64).index_add_(
         0, index.flatten(), upstream.double().permute(1, 2, 0).reshape(-1, 4))
     assert (table.grad.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+
+
+# --- the shifted-window mask, built once (cache_shift_masks) ---
+
+
+@pytest.mark.parametrize("config", ["shifted", "padded"])
+def test_cached_shift_masks_are_transformers_masks_and_change_no_output_or_state(config):
+    torch.manual_seed(0)
+    image_size, window_size = CONFIGS[config]
+    model = Swinv2Model(Swinv2Config(image_size=image_size, window_size=window_size, patch_size=4, embed_dim=32,
+                                     depths=[2, 2, 2], num_heads=[2, 4, 8])).eval()
+    cached = copy.deepcopy(model)
+    shifted = [m for m in model.modules() if isinstance(m, Swinv2Layer) and m.shift_size > 0]
+    assert cache_shift_masks(cached) == len(shifted) > 0
+    assert cache_shift_masks(cached) == 0  # already switched
+    layers = [m for m in cached.modules() if isinstance(m, CachedMaskSwinv2Layer)]
+    for layer, original in zip(layers, shifted, strict=True):
+        height_pad, width_pad = layer.shift_mask_key[:2]
+        assert height_pad % layer.window_size == 0 and height_pad >= layer.input_resolution[0]
+        expected = Swinv2Layer.get_attn_mask(original, height_pad, width_pad, torch.float32)
+        assert torch.equal(layer.get_attn_mask(height_pad, width_pad, torch.float32), expected)
+    assert list(model.state_dict()) == list(cached.state_dict())  # the cache is not saved
+    pixels = torch.randn(2, 3, image_size, image_size)
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=pixels).pooler_output, cached(pixel_values=pixels).pooler_output)
+
+
+TRANSFORMERS_ATTN_MASK = Swinv2Layer.get_attn_mask
+
+
+def host_built_attn_mask(self, height, width, dtype, device=None):
+    """transformers up to 5.17: the mask is made on the host and copied to the model's device every forward."""
+    with torch.device("cpu"):
+        mask = TRANSFORMERS_ATTN_MASK(self, height, width, dtype)
+    return mask if mask is None or device is None else mask.to(device)
+
+
+def test_with_masks_cached_a_forward_on_a_device_touches_no_host_tensor(monkeypatch):
+    """On 'meta' standing in for the GPU; with transformers' old host-built mask patched in."""
+    monkeypatch.setattr(Swinv2Layer, "get_attn_mask", host_built_attn_mask)
+    _, model = eager_and_sdpa(*CONFIGS["padded"])
+    pixels = torch.empty(2, 3, 72, 72, device="meta")
+    plain = copy.deepcopy(model).to("meta")
+    with host_tensor_spy() as spy, torch.no_grad():
+        plain(pixel_values=pixels)
+    assert spy.host_ops  # the old way: a host mask in every shifted layer
+    assert cache_shift_masks(model) > 0
+    model.to("meta")
+    with host_tensor_spy() as spy, torch.no_grad():
+        model(pixel_values=pixels)
+    assert spy.host_ops == []
+
+
+def test_masks_cached_under_inference_mode_still_serve_a_training_step():
+    torch.manual_seed(0)
+    model = Swinv2Model(Swinv2Config(image_size=64, window_size=4, patch_size=4, embed_dim=32, depths=[2, 2, 2],
+                                     num_heads=[2, 4, 8]))
+    with torch.inference_mode():
+        assert cache_shift_masks(model) > 0
+    model(pixel_values=torch.randn(2, 3, 64, 64)).pooler_output.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -77,6 +77,14 @@ class DeviceSpans:
         return sum(began.elapsed_time(ended) for began, ended in self.spans) / 1000
 
 
+def graph_rows(loader, first_batch_rows: int) -> int:
+    """Rows of the CUDA graph's static batch: the loader's batch size, or the whole dataset when it is
+    smaller; the first batch's size for a loader without a fixed batch size."""
+    rows = getattr(loader, "batch_size", None) or first_batch_rows
+    dataset = getattr(loader, "dataset", None)
+    return min(rows, len(dataset)) if hasattr(dataset, "__len__") else rows
+
+
 @torch.inference_mode()
 def extract_embeddings(model: nn.Module, loader, device: torch.device, precision: str,
                        description: str = "embed", cuda_graph: bool = False) -> Embedded:
@@ -102,8 +110,8 @@ def extract_embeddings(model: nn.Module, loader, device: torch.device, precision
         skipped += batch_skipped
         if images is not None:
             if embed is None:
-                batch_rows = getattr(loader, "batch_size", None) or len(images)
-                embed = inference_forward(model, images, batch_rows, device, autocast, cuda_graph)
+                embed = inference_forward(model, images, graph_rows(loader, len(images)), device, autocast,
+                                          cuda_graph, len(loader) if hasattr(loader, "__len__") else None)
             began = device_spans.begin()
             batch_embeddings = embed(images)
             device_spans.end(began)

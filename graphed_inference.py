@@ -63,17 +63,21 @@ def capture_forward(model: nn.Module, static_input: torch.Tensor, autocast: Call
     Two warm-up forwards on a side stream first (PyTorch's recipe): library handles, workspaces and kernel
     choices are made outside the capture. Call under torch.inference_mode(); the graph keeps reading the
     model's parameters where they are, so it is for one evaluation pass, not across optimiser steps.
+    The warm-up and the capture cost about three forwards, and torch.cuda.graph empties the allocator's cache.
     """
-    side_stream = torch.cuda.Stream(static_input.device)
-    side_stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side_stream):
-        for _ in range(2):
-            with autocast():
-                model(static_input)
-    torch.cuda.current_stream().wait_stream(side_stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), autocast():
-        static_output = model(static_input)
+    with torch.cuda.device(static_input.device):  # the capture stream belongs to the current device
+        side_stream = torch.cuda.Stream()
+        side_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side_stream):
+            for _ in range(2):
+                with autocast():
+                    model(static_input)
+        torch.cuda.current_stream().wait_stream(side_stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the loader's pin-memory thread keeps allocating pinned memory during the capture,
+        # which the default ("global") mode forbids, failing both the capture and that thread.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"), autocast():
+            static_output = model(static_input)
 
     def replay() -> torch.Tensor:
         graph.replay()
@@ -82,20 +86,26 @@ def capture_forward(model: nn.Module, static_input: torch.Tensor, autocast: Call
     return replay
 
 
+# Fewer batches than this in a pass: the warm-up and capture (about three forwards) would not pay off.
+MIN_BATCHES_FOR_A_GRAPH = 4
+
+
 def inference_forward(model: nn.Module, first_batch: torch.Tensor, batch_rows: int, device: torch.device,
-                      autocast: Callable, cuda_graph: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+                      autocast: Callable, cuda_graph: bool, num_batches: int | None = None,
+                      ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The function that embeds each batch (host or device tensor) of one evaluation pass.
 
     autocast: a zero-argument factory of the mixed-precision context (a fresh one per forward).
-    With cuda_graph on a CUDA device: one graph for batches of `batch_rows` images shaped like
-    `first_batch`; otherwise, and if capture fails, the plain forward.
+    With cuda_graph on a CUDA device and at least MIN_BATCHES_FOR_A_GRAPH batches (num_batches, when
+    known): one graph for batches of up to `batch_rows` images shaped like `first_batch` (larger ones, or
+    other shapes, take the plain forward); otherwise, and if the capture fails, the plain forward.
     """
 
     def plain(images: torch.Tensor) -> torch.Tensor:
         with autocast():
             return model(images.to(device, non_blocking=True))
 
-    if not cuda_graph or device.type != "cuda":
+    if not cuda_graph or device.type != "cuda" or (num_batches is not None and num_batches < MIN_BATCHES_FOR_A_GRAPH):
         return plain
     static_input = static_batch_like(first_batch, max(batch_rows, first_batch.shape[0]), device)
     try:

@@ -210,6 +210,8 @@ class CachedMaskSwinv2Layer(Swinv2Layer):
     host and copies it to the GPU, a blocking copy (a stream synchronisation) in 11 layers of each
     Swinv2-B forward, which a CUDA graph capture refuses outright. The cache is a non-persistent buffer:
     it moves with the module and stays out of the state dict. Other input sizes use transformers' own mask.
+    Switch layers whose weights exist: on the meta device they are left as they are, and a model moved to
+    meta and back with `to_empty` would keep an uninitialised cache (load_state_dict does not fill it).
     """
 
     shift_mask_key: tuple = ()  # (height_pad, width_pad, window_size, shift_size) the cached mask is for

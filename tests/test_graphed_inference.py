@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import host_tensor_spy
-from evaluation import autocast_context, extract_embeddings
-from graphed_inference import PaddedBatches, inference_forward, static_batch_like
+from evaluation import autocast_context, extract_embeddings, graph_rows
+from graphed_inference import MIN_BATCHES_FOR_A_GRAPH, PaddedBatches, inference_forward, static_batch_like
 from model import Embedder, load_backbone
 
 IMAGE_SIZE = 32
@@ -22,6 +22,11 @@ def loader_batch(rows: int, seed: int, size: int = IMAGE_SIZE) -> torch.Tensor:
     """uint8 images laid out as the loaders' collate hands them over: (B, 3, H, W) viewing (B, H, W, 3)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (rows, size, size, 3), dtype=torch.uint8, generator=generator).permute(0, 3, 1, 2)
+
+
+def collate_with_nothing_skipped(items):
+    """(images, labels, indices, skipped) batches, as the loaders' collate gives them."""
+    return (*torch.utils.data.default_collate(items), [])
 
 
 def test_static_batch_keeps_the_loaders_channels_last_layout_and_plain_layout():
@@ -88,14 +93,23 @@ def test_inference_forward_off_cuda_is_the_plain_autocast_forward():
         torch.testing.assert_close(embed(images), expected, rtol=0, atol=0)
 
 
-def test_extract_embeddings_with_cuda_graph_asked_matches_without_on_the_cpu():
+def test_graph_rows_follow_the_loader_and_never_exceed_the_dataset():
+    images = torch.utils.data.TensorDataset(torch.zeros(10, 3, 4, 4))
+    assert graph_rows(torch.utils.data.DataLoader(images, batch_size=4), 4) == 4
+    assert graph_rows(torch.utils.data.DataLoader(images, batch_size=256), 10) == 10  # a small validation split
+    by_sampler = torch.utils.data.DataLoader(images, batch_sampler=[[0, 1, 2], [3, 4, 5, 6, 7]])
+    assert graph_rows(by_sampler, 3) == 3  # no fixed batch size: the first batch's
+    assert graph_rows([(torch.zeros(5, 3, 4, 4),)], 5) == 5  # any iterable of batches
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="off CUDA there is never a graph")
+def test_a_pass_of_few_batches_is_not_worth_a_graph():
     model = tiny_embedder()
-    images = [loader_batch(4, 6), loader_batch(3, 7)]
-    batches = [(batch, torch.arange(len(batch)), torch.arange(len(batch)), []) for batch in images]
-    with_graph = extract_embeddings(model, batches, torch.device("cpu"), "fp32", cuda_graph=True)
-    without = extract_embeddings(model, batches, torch.device("cpu"), "fp32", cuda_graph=False)
-    assert with_graph.embeddings.shape == (7, 8)
-    torch.testing.assert_close(with_graph.embeddings, without.embeddings, rtol=0, atol=0)
+    device = torch.device("cuda")
+    embed = inference_forward(model.to(device), loader_batch(2, 0).to(device), 2, device,
+                              lambda: autocast_context(device, "fp32"), cuda_graph=True,
+                              num_batches=MIN_BATCHES_FOR_A_GRAPH - 1)
+    assert not isinstance(embed, PaddedBatches)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -128,3 +142,21 @@ def test_embedding_forward_touches_no_host_tensor_once_the_speed_options_are_on(
     with host_tensor_spy() as spy, torch.inference_mode():
         model(torch.empty(2, 3, 64, 64, dtype=torch.uint8, device="meta"))
     assert spy.host_ops == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_extract_embeddings_through_a_pinned_memory_loader_with_workers_matches_the_plain_pass():
+    """The case of main.py --mode eval: the pin-memory thread allocates while the graph is captured."""
+    device = torch.device("cuda")
+    model = tiny_embedder().to(device)
+    images = torch.randint(0, 256, (23, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(10))
+    dataset = torch.utils.data.TensorDataset(images, torch.arange(23) % 5, torch.arange(23))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, pin_memory=True,
+                                         collate_fn=collate_with_nothing_skipped)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture would warn and fall back
+        graphed = extract_embeddings(model, loader, device, "bf16", cuda_graph=True)
+    plain = extract_embeddings(model, loader, device, "bf16", cuda_graph=False)
+    assert graphed.embeddings.shape == (23, 8) and torch.equal(graphed.indices, torch.arange(23))
+    torch.testing.assert_close(graphed.embeddings, plain.embeddings, rtol=0, atol=2e-2)

@@ -6,7 +6,8 @@ same forward on synthetic tensors alone takes 121 ms (bench/train_bench.py): the
 launches. A captured graph launches the whole forward at once.
 
 `inference_forward` chooses: the graph on CUDA when asked (falling back to the plain forward, with a
-warning, if capture fails), the plain forward elsewhere. A graph is captured at one batch shape; shorter
+warning, if the capture fails or the graph's embeddings of the first batch differ from the plain
+forward's), the plain forward elsewhere. A graph is captured at one batch shape; shorter
 batches (the last one, or one that lost skipped images) are padded with black images to that shape and
 the padding's rows dropped. In eval mode every row of a batch is computed independently, so the padding
 changes nothing for the real rows.
@@ -115,4 +116,21 @@ def inference_forward(model: nn.Module, first_batch: torch.Tensor, batch_rows: i
                       f"{str(error).splitlines()[0] if str(error) else ''}); embedding without it", stacklevel=2)
         torch.cuda.synchronize(device)
         return plain
-    return PaddedBatches(static_input, replay, plain)
+    return checked_against_plain(PaddedBatches(static_input, replay, plain), plain, first_batch)
+
+
+# The first batch through the graph must match the plain forward to this, relative to the output's largest
+# entry: bf16 runs of one forward differ by about 1e-3 on unit embeddings; a broken graph, by far more.
+GRAPH_CHECK_TOLERANCE = 1e-2
+
+
+def checked_against_plain(graphed: Callable, plain: Callable, first_batch: torch.Tensor) -> Callable:
+    """`graphed` if it embeds `first_batch` as `plain` does (one extra forward, once per pass), else `plain`
+    with a warning: a graph that replays wrongly must not turn into wrong metrics."""
+    expected = plain(first_batch).float()
+    difference = (graphed(first_batch).float() - expected).abs().max().item()
+    if difference <= GRAPH_CHECK_TOLERANCE * max(1.0, expected.abs().max().item()):  # False for NaN too
+        return graphed
+    warnings.warn(f"eval.cuda_graph: the captured forward differs from the plain one by {difference:.3g} on the "
+                  f"first batch; embedding without it", stacklevel=3)
+    return plain

@@ -477,14 +477,17 @@ def run_eval(config, checkpoint_arg, output: Path | None, visualize: int = 0) ->
     from evaluation import evaluate_embeddings, extract_embeddings, require_queries, write_report
     from tracking import Tracker
 
+    imported = time.perf_counter()
     device = select_device(config.train.device)
     run_dir = prepare_output_dir(Path(config.output.dir))
     _, _, test_list = resolve_image_lists(config, need_train=False, need_test=True)
     check_ks_fit(config, len(test_list), "test split")
     configure_matmul_precision(device, config.train.tf32)
-    model, description = load_model_for_eval(config, checkpoint_arg, device)
+    listed = time.perf_counter()
+    model, description = load_model_for_eval(config, checkpoint_arg, device)  # the device starts here
     loader = evaluation_loader(test_list, config, device)
     started = time.perf_counter()
+    setup_parts = {"imports": imported - entered, "image_list": listed - imported, "model_and_loader": started - listed}
     try:
         embedded = extract_embeddings(model, loader, device, config.train.precision, "embed test set",
                                       embedding_cuda_graph(config))
@@ -511,7 +514,9 @@ def run_eval(config, checkpoint_arg, output: Path | None, visualize: int = 0) ->
     report = evaluate_embeddings(embeddings, labels, config.eval.recall_ks, config.eval.backend, str(device),
                                  config.eval.memory_gb, config.eval.map_ks, super_labels)
     # seconds_setup: imports, device start, model load, image list; for telling a slow start from a slow loop.
-    report.update(seconds_setup=round(started - entered, 3), seconds_embed=round(seconds_embed, 3),
+    report.update(seconds_setup=round(started - entered, 3),
+                  seconds_setup_parts={part: round(seconds, 3) for part, seconds in setup_parts.items()},
+                  seconds_embed=round(seconds_embed, 3),
                   seconds_embed_waiting_for_images=round(embedded.seconds_waiting_for_images, 3),
                   seconds_embed_to_first_batch=round(embedded.seconds_to_first_batch, 3),
                   seconds_embed_on_device=(None if embedded.seconds_on_device is None

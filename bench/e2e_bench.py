@@ -117,6 +117,7 @@ def main() -> None:
         wall = time.perf_counter() - started
         report = json.loads(output.read_text())
     result = {"images": num_images, "wall_seconds": round(wall, 2), "seconds_setup": report["seconds_setup"],
+              "seconds_setup_parts": report["seconds_setup_parts"],
               "seconds_embed": report["seconds_embed"],
               "seconds_embed_waiting_for_images": report["seconds_embed_waiting_for_images"],
               "seconds_embed_to_first_batch": report["seconds_embed_to_first_batch"],
@@ -136,6 +137,7 @@ def main() -> None:
           f"{result['seconds_embed_waiting_for_images']} | {result['seconds_embed_to_first_batch']} | "
           f"{result['seconds_embed_on_device']} | {result['embed_images_per_second']} | "
           f"{result['seconds_search']} | {result['seconds_metrics']} |")
+    print("\nsetup: " + ", ".join(f"{part} {seconds} s" for part, seconds in result["seconds_setup_parts"].items()))
     if arguments.out:
         arguments.out.write_text(json.dumps(result, indent=2))
 

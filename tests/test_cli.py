@@ -145,6 +145,9 @@ def test_eval_of_checkpoint_and_of_untrained_model_write_reports(tmp_path):
         assert report["num_queries"] == 16  # 4 test classes x 4 images
         # the timings that tell a slow start from a slow embedding loop
         assert report["seconds_setup"] > 0 and report["seconds_embed"] > 0
+        parts = report["seconds_setup_parts"]
+        assert set(parts) == {"imports", "image_list", "model_and_loader"} and min(parts.values()) >= 0
+        assert abs(sum(parts.values()) - report["seconds_setup"]) < 0.01
         assert 0 <= report["seconds_embed_to_first_batch"] <= report["seconds_embed_waiting_for_images"]
         assert report["seconds_embed_waiting_for_images"] <= report["seconds_embed"]
         assert report["seconds_embed_on_device"] is None  # measured on CUDA only

@@ -7,7 +7,8 @@ import torch
 
 from conftest import host_tensor_spy
 from evaluation import autocast_context, extract_embeddings, graph_rows
-from graphed_inference import MIN_BATCHES_FOR_A_GRAPH, PaddedBatches, inference_forward, static_batch_like
+from graphed_inference import (MIN_BATCHES_FOR_A_GRAPH, PaddedBatches, checked_against_plain, inference_forward,
+                               static_batch_like)
 from model import Embedder, load_backbone
 
 IMAGE_SIZE = 32
@@ -91,6 +92,21 @@ def test_inference_forward_off_cuda_is_the_plain_autocast_forward():
         with autocast_context(device, "bf16"):
             expected = model(images)
         torch.testing.assert_close(embed(images), expected, rtol=0, atol=0)
+
+
+def test_a_graph_that_embeds_the_first_batch_differently_is_dropped_with_a_warning():
+    model = tiny_embedder()
+    first = loader_batch(4, 11)
+    def faithful(images):
+        return model(images) + 1e-4  # within bf16 noise
+
+    with torch.inference_mode():
+        assert checked_against_plain(faithful, model, first) is faithful
+        stale = model(loader_batch(4, 12))  # a replay that returns another batch's output
+        with pytest.warns(UserWarning, match="differs from the plain one"):
+            assert checked_against_plain(lambda images: stale, model, first) is model
+        with pytest.warns(UserWarning, match="differs from the plain one"):
+            assert checked_against_plain(lambda images: torch.full_like(stale, float("nan")), model, first) is model
 
 
 def test_graph_rows_follow_the_loader_and_never_exceed_the_dataset():

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # One prepared device session: every GPU measurement of the benches, results as JSON under $OUT.
-#   OUT=/tmp/out bash bench/gpu_session.sh                 (on a CUDA machine; each step has its own time limit)
-#   STEPS="embed_graph cuda_tests e2e e2e_cache data_cpu16 eval_gpu" OUT=/tmp/out bash bench/gpu_session.sh
-#                                                             (only the named steps: the second half)
-# The device tool allows 600 s per command and 900 s per session. The default first half is the training
-# measurements (about 390 s on an H200, limits 530 s); the second half, the evaluation and loading ones
-# (about 240 s, limits 510 s). Run the second at once, while the machine is still warm.
+#   OUT=/tmp/out bash bench/gpu_session.sh          (on a CUDA machine; each step has its own time limit)
+#   STEPS="train_goal train_rest profile" OUT=/tmp/out bash bench/gpu_session.sh     (only the named steps)
+# The device tool allows 600 s per command and 900 s per session, start included. Durations measured on
+# an H200 (2026-11-27): embed_graph 48 s, cuda_tests 15 s, e2e 88 s, e2e_cache 89 s (the default, about
+# 250 s: the embedding path, the newest work); train_goal 158 s, train_rest 103 s, profile 71 s (the
+# training half, about 330 s); data_cpu16 and eval_gpu about 120 s together. The machine goes back after
+# 30 s idle: run the next command at once.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 OUT=${OUT:-/tmp/gpu_session}
-FIRST_HALF="train_goal train_rest profile"
-STEPS=${STEPS:-$FIRST_HALF}
+STEPS=${STEPS:-"embed_graph cuda_tests e2e e2e_cache"}
 mkdir -p "$OUT"
 PY=${PY:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"

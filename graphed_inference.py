@@ -1,9 +1,11 @@
 """Embedding forwards replayed from one CUDA graph instead of launched kernel by kernel.
 
 The eager Swinv2-B forward is about 2,000 small operations. In `main.py --mode eval` on an H200 machine
-(60,502 JPEGs, 16 loader workers on its 16 cores) each 256-image batch kept the GPU 172 ms, where the
-same forward on synthetic tensors alone takes 121 ms (bench/train_bench.py): the GPU waited on the
-launches. A captured graph launches the whole forward at once.
+(60,502 JPEGs, 16 loader workers on its 16 cores) each 256-image batch kept the GPU 161-172 ms, where the
+same forward on synthetic tensors alone takes 123 ms (bench/train_bench.py): the GPU stalled inside the
+forward, most likely on the host (transformers' per-layer host mask copy, see
+swinv2_attention.CachedMaskSwinv2Layer, and launches from a main thread sharing the cores with the
+workers). A captured graph launches the whole forward at once.
 
 `inference_forward` chooses: the graph on CUDA when asked (falling back to the plain forward, with a
 warning, if the capture fails or the graph's embeddings of the first batch differ from the plain
@@ -125,8 +127,8 @@ GRAPH_CHECK_TOLERANCE = 1e-2
 
 
 def checked_against_plain(graphed: Callable, plain: Callable, first_batch: torch.Tensor) -> Callable:
-    """`graphed` if it embeds `first_batch` as `plain` does (one extra forward, once per pass), else `plain`
-    with a warning: a graph that replays wrongly must not turn into wrong metrics."""
+    """`graphed` if it embeds `first_batch` as `plain` does, else `plain` with a warning: a graph that
+    replays wrongly must not turn into wrong metrics. Costs a plain forward and a replay, once per pass."""
     expected = plain(first_batch).float()
     difference = (graphed(first_batch).float() - expected).abs().max().item()
     if difference <= GRAPH_CHECK_TOLERANCE * max(1.0, expected.abs().max().item()):  # False for NaN too

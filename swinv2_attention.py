@@ -236,8 +236,8 @@ def cache_shift_masks(model: nn.Module) -> int:
             continue
         height, width = module.input_resolution
         window = module.window_size
-        key = (height + (window - height % window) % window, width + (window - width % window) % window,
-               window, module.shift_size)
+        # transformers pads the feature map to whole windows (Swinv2Layer.maybe_pad) before the mask is made
+        key = (math.ceil(height / window) * window, math.ceil(width / window) * window, window, module.shift_size)
         device = next(module.parameters()).device
         if device.type == "meta":  # no values to compute with yet: leave transformers' mask
             continue

@@ -127,8 +127,9 @@ def main() -> None:
               "attention": arguments.attention, "batch_size": arguments.batch_size, "workers": arguments.workers,
               "from_cache": arguments.cache}
     print(json.dumps(result))
-    # setup: process start to the first batch asked for (imports, device, model load); the rest of the wall
-    # time after the metrics is the report, the saved embeddings and the picture.
+    # setup: from run_eval's start to the first batch asked for (its imports, image list, device, model load);
+    # the wall time also holds the process start and main.py's imports before it, and the report, saved
+    # embeddings and picture after the metrics.
     print("\n| images | from | whole eval command (s) | setup (s) | embedding (s) | of which waiting for images (s) "
           "| of which first batch (s) | device busy (s) | images/s | kNN search (s) | metrics (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -27,7 +27,8 @@ from transformers import Swinv2Config, Swinv2Model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from graphed_inference import inference_forward  # noqa: E402
+from evaluation import autocast_context  # noqa: E402
+from graphed_inference import PaddedBatches, inference_forward  # noqa: E402
 from model import Embedder, apply_speed_options, tiny_backbone_config  # noqa: E402
 from objective import MetricLearningObjective  # noqa: E402
 from trainer import Trainer, build_optimizer, warmup_cosine_schedule  # noqa: E402
@@ -136,8 +137,8 @@ def graphed_embed_runner(config: Swinv2Config, device: torch.device, batch: int)
     images = torch.randint(0, 256, (batch, 3, config.image_size, config.image_size), dtype=torch.uint8,
                            device=device).contiguous(memory_format=torch.channels_last)
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+    def autocast():  # as extract_embeddings makes it
+        return autocast_context(device, "bf16", cache_enabled=False)
 
     with torch.inference_mode():
         with autocast():
@@ -145,7 +146,7 @@ def graphed_embed_runner(config: Swinv2Config, device: torch.device, batch: int)
         embed = inference_forward(model, images, batch, device, autocast, cuda_graph=True)
         short = max(1, batch // 3)
         difference = max((embed(images) - plain).abs().max().item(), (embed(images[:short]) - plain[:short]).abs().max().item())
-    print(json.dumps({"check": "CUDA graph vs plain forward", "graph": type(embed).__name__ != "function",
+    print(json.dumps({"check": "CUDA graph vs plain forward", "graph": isinstance(embed, PaddedBatches),
                       "max_abs_difference": difference}), flush=True)
 
     def step():

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "cache_dir": "",  # a downsized copy built by `--mode cache` ("" = read the originals)
         "on_bad_image": "error",  # error (stop, naming the file) | skip (leave it out, count it, list it in the run folder)
         "startup_check": "full",  # before training, decode every train/validation image (full), read headers only, or none
+        "allow_outside_root": False,  # let list lines and symlinks point outside data.root (e.g. another mount)
+        "max_image_bytes": 100_000_000,  # larger files (and non-regular ones) are refused before reading
         "demo_classes": 100,  # format=demo only: size of the generated dataset
         "demo_images_per_class": 12,
     },
@@ -69,9 +73,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "batch_size": 128,  # images per forward pass when embedding
         "cuda_graph": True,  # on CUDA, replay the embedding forward from one captured graph (not with train.compile)
         "memory_gb": 1.0,  # working memory of the exact kNN search (its block size follows from this)
+        "precision": "bf16",  # default: train.precision
+        "device": "auto",  # default: train.device
+        "compile": False,  # default: train.compile
     },
     "output": {
-        "dir": "models_ckpt/sop_swinv2",
+        "dir": "",  # "" = models_ckpt/<config file name>, or models_ckpt/<data.root's name> without a config file
     },
     "wandb": {
         "mode": "offline",  # disabled | offline | online
@@ -89,10 +96,21 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.loss": ("triplet", "contrastive"),
     "train.miner": ("random", "semihard", "batchhard", "all"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "eval.precision": ("fp32", "bf16", "fp16"),
     "model.attention": ("eager", "sdpa"),
     "eval.backend": ("auto", "faiss", "torch"),
     "wandb.mode": ("disabled", "offline", "online"),
 }
+
+
+# Keys that follow another key unless set themselves: evaluation runs as training did, unless told otherwise.
+INHERITED_KEYS: dict[str, str] = {
+    "eval.precision": "train.precision",
+    "eval.device": "train.device",
+    "eval.compile": "train.compile",
+}
+RUNS_FOLDER = Path("models_ckpt")
+MAX_CONFIG_BYTES = 1_000_000
 
 
 class ConfigError(ValueError):
@@ -100,11 +118,16 @@ class ConfigError(ValueError):
 
 
 class Config:
-    """A frozen, nested view of a resolved configuration: `config.train.lr`, `config.to_dict()`."""
+    """A frozen, nested view of a resolved configuration: `config.train.lr`, `config.to_dict()`.
 
-    def __init__(self, values: dict[str, Any]):
+    The root also knows which dotted keys the user set (`is_explicit`): a default may be adapted to the
+    data (say, a k too large for a small split), a value the user asked for may not.
+    """
+
+    def __init__(self, values: dict[str, Any], explicit_keys: frozenset[str] = frozenset()):
         for key, value in values.items():
             object.__setattr__(self, key, Config(value) if isinstance(value, dict) else value)
+        object.__setattr__(self, "_explicit_keys", frozenset(explicit_keys))
 
     def __setattr__(self, key, value):
         raise AttributeError("Config is frozen; pass overrides to load_config instead")
@@ -112,15 +135,29 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return {
             key: value.to_dict() if isinstance(value, Config) else copy.deepcopy(value)
-            for key, value in vars(self).items()
+            for key, value in vars(self).items() if not key.startswith("_")
         }
+
+    def is_explicit(self, key: str) -> bool:
+        """Whether `section.name` was set by a config file or an override (not left at its default)."""
+        return key in self._explicit_keys
+
+    def updated(self, values: dict[str, Any]) -> "Config":
+        """A copy with some dotted keys replaced (values already of the right type), validated again."""
+        resolved = self.to_dict()
+        for key, value in values.items():
+            _set(resolved, key, value)
+        _validate(resolved)
+        return Config(resolved, self._explicit_keys)
 
     def __repr__(self) -> str:
         return f"Config({self.to_dict()!r})"
 
 
 def _type_name(value: Any) -> str:
-    return {bool: "bool", int: "int", float: "float", str: "string", list: "list"}.get(type(value), type(value).__name__)
+    return {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string",
+            list: f"a list of {_type_name(value[0]).split(' ', 1)[1]}s" if isinstance(value, list) and value
+            else "a list"}.get(type(value), type(value).__name__)
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -147,14 +184,21 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     elif isinstance(default, list):
         if isinstance(value, list) and all(isinstance(v, type(default[0])) for v in value):
             return value
-    raise ConfigError(f"config key '{key}' expects a {_type_name(default)}, got {value!r}")
+    raise ConfigError(f"config key '{key}' expects {_type_name(default)}, got {_bounded_repr(value)}")
+
+
+def _bounded_repr(value: Any) -> str:
+    """A short repr, however large or deeply nested the value (a YAML alias bomb expands to billions of items)."""
+    shortener = reprlib.Repr()
+    shortener.maxlevel, shortener.maxlist, shortener.maxdict, shortener.maxstring, shortener.maxother = 3, 6, 4, 60, 60
+    return shortener.repr(value)
 
 
 def _unknown_key_error(key: str) -> ConfigError:
     known = [f"{section}.{name}" for section, values in DEFAULTS.items() for name in values]
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"unknown config key '{key}'{hint}")
+    return ConfigError(f"unknown config key '{key}'{hint}; every key is listed in docs/configuration.md")
 
 
 def _set(values: dict, key: str, raw_value: Any) -> None:
@@ -179,10 +223,15 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _validate(values: dict) -> None:
+    for section, entries in DEFAULTS.items():
+        for name, default in entries.items():
+            value = values[section][name]
+            if isinstance(default, float) and not math.isfinite(value):
+                raise ConfigError(f"config key '{section}.{name}' must be a finite number; got {value!r}")
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         if values[section][name] not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {values[section][name]!r}")
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {_bounded_repr(values[section][name])}")
     checks = [
         ("train.epochs", values["train"]["epochs"] >= 1, "must be at least 1"),
         ("train.lr", values["train"]["lr"] > 0, "must be positive"),
@@ -200,6 +249,7 @@ def _validate(values: dict) -> None:
         ("data.images_per_class", values["data"]["images_per_class"] >= 2, "must be at least 2 (a positive pair needs two images)"),
         ("data.triplets_per_batch", values["data"]["triplets_per_batch"] >= 1, "must be at least 1"),
         ("data.num_workers", values["data"]["num_workers"] >= -1, "must be -1 (all cores) or >= 0"),
+        ("data.max_image_bytes", values["data"]["max_image_bytes"] >= 1, "must be at least 1"),
         ("data.demo_classes", values["data"]["demo_classes"] >= 4, "must be at least 4"),
         ("data.demo_images_per_class", values["data"]["demo_images_per_class"] >= 2, "must be at least 2"),
         ("eval.batch_size", values["eval"]["batch_size"] >= 1, "must be at least 1"),
@@ -210,19 +260,38 @@ def _validate(values: dict) -> None:
     for key, ok, requirement in checks:
         if not ok:
             section, name = key.split(".")
-            raise ConfigError(f"config key '{key}' {requirement}; got {values[section][name]!r}")
-    device = values["train"]["device"]
-    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
-        raise ConfigError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N; got {device!r}")
+            raise ConfigError(f"config key '{key}' {requirement}; got {_bounded_repr(values[section][name])}")
+    for key in ("train.device", "eval.device"):
+        device = _get(values, key)
+        if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+            raise ConfigError(f"config key '{key}' must be auto, cpu, cuda or cuda:N; got {device!r}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Resolve DEFAULTS <- YAML file <- overrides into a frozen, validated Config."""
+def default_run_dir(config_path: Path | None, data_root: str) -> str:
+    """models_ckpt/<config file's name>, or without a config file models_ckpt/<the dataset folder's name>
+    (its parent's for a folder named train, as in /catalogue/train)."""
+    if config_path is not None:
+        return str(RUNS_FOLDER / config_path.stem)
+    root = Path(data_root).resolve()
+    name = root.parent.name if root.name.lower() == "train" and root.parent.name else root.name
+    return str(RUNS_FOLDER / (name or "run"))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), file_is_explicit: bool = True) -> Config:
+    """Resolve DEFAULTS <- YAML file <- overrides into a frozen, validated Config.
+
+    file_is_explicit=False: the file is a run's own resolved config.yaml, whose values are the run's
+    settings but not requests of the user's (see `Config.is_explicit`).
+    """
     values = copy.deepcopy(DEFAULTS)
+    explicit: set[str] = set()
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file '{path}' is {path.stat().st_size} bytes; a configuration is at most "
+                              f"{MAX_CONFIG_BYTES} bytes")
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
@@ -235,11 +304,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
                     f"config section '{section}' in '{path}' must be a mapping of keys")
             for name, value in entries.items():
                 _set(values, f"{section}.{name}", "" if value is None else value)
+                if file_is_explicit:
+                    explicit.add(f"{section}.{name}")
     for text in overrides:
         key, value = parse_override(text)
         _set(values, key, value)
+        explicit.add(key)
+    for key, source in INHERITED_KEYS.items():
+        if key not in explicit:
+            _set(values, key, _get(values, source))
+    if not values["output"]["dir"]:
+        values["output"]["dir"] = default_run_dir(path, values["data"]["root"])
     _validate(values)
-    return Config(values)
+    return Config(values, frozenset(explicit))
+
+
+def _get(values: dict, key: str) -> Any:
+    section, name = key.split(".")
+    return values[section][name]
 
 
 # What a checkpoint's weights depend on: resuming or evaluating with other values would silently mismatch.
@@ -260,3 +342,86 @@ def differing_keys(saved: dict, current: dict, keys: tuple[str, ...] = MODEL_DEF
 def save_config(config: Config, path: Path) -> None:
     """Write the resolved config as YAML (the run folder's `config.yaml`)."""
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+# One line per dotted key: what it means. docs/configuration.md is generated from this, DEFAULTS, CHOICES and
+# INHERITED_KEYS (`python docs/make_configuration_doc.py`); tests/test_configuration_doc.py keeps them in step.
+KEY_DOCS: dict[str, str] = {
+    "data.format": "`sop` (list files), `folder` (`root/<class>/<image>`), `demo` (generated)",
+    "data.root": "dataset folder; for `sop`/`folder` a missing folder is an error, never a cue to generate data",
+    "data.train_list": "SOP-format training list, relative to `data.root` (or absolute)",
+    "data.test_list": "SOP-format test list, relative to `data.root` (or absolute)",
+    "data.test_root": "`folder` format: the folder of test classes (`\"\"` = no test split)",
+    "data.val_fraction": "fraction of the training classes held out for validation (class-disjoint); "
+                         "0 = none, then `best.pt` is the last epoch",
+    "data.split_seed": "seed of the train/validation class split",
+    "data.image_size": "input resolution in pixels (square)",
+    "data.min_crop_scale": "training RandomResizedCrop keeps between this fraction and all of the image area",
+    "data.sampler": "`pk`: P classes x K images per batch; `triplets`: the reference's random "
+                    "(anchor, positive, negative) triplets",
+    "data.classes_per_batch": "P: distinct classes per batch (`pk` sampler)",
+    "data.images_per_class": "K: images per class in a batch (`pk` sampler)",
+    "data.triplets_per_batch": "`triplets` sampler: a batch holds 3 x this many images",
+    "data.num_workers": "loader processes; -1 = one per CPU core this process may use",
+    "data.cache_dir": "read images from this downsized copy (built by `--mode cache`); `\"\"` = the originals",
+    "data.on_bad_image": "an image that cannot be read: `error` stops with one line naming the file; `skip` leaves it "
+                         "out, counts it and lists it in `output.dir/skipped_images.jsonl`",
+    "data.startup_check": "before training, decode every train/validation image (`full`), read only headers "
+                          "(`headers`: missing, empty, non-image, too-large files), or `none`",
+    "data.allow_outside_root": "let list lines and symlinks point outside `data.root` (e.g. to another mount); "
+                               "false refuses such paths",
+    "data.max_image_bytes": "larger image files (and anything that is not a regular file) are refused before reading",
+    "data.demo_classes": "`demo` format: number of classes of the generated dataset (half train, half test)",
+    "data.demo_images_per_class": "`demo` format: images per generated class",
+    "model.backbone": "Hugging Face hub id, local folder, or `tiny` (a 0.6 M-parameter random Swinv2 for tests "
+                      "and the demo)",
+    "model.embedding_dim": "width of the linear projection after the pooled output; 0 = no projection "
+                           "(the backbone's pooled output, 1024-d for Swinv2-B)",
+    "model.attention": "`sdpa`: transformers' Swinv2 attention rewritten with `scaled_dot_product_attention` "
+                       "(same weights, same results to float rounding, tested); `eager`: transformers' own",
+    "train.epochs": "number of passes over the training images",
+    "train.loss": "`triplet` (margin loss over mined triplets) or `contrastive` (pairs from the mined triplets)",
+    "train.miner": "which triplets of a batch train: `all`, `semihard`, `batchhard` or `random` "
+                   "(docs/training.md); mines with `train.margin`, whatever the loss",
+    "train.margin": "triplet margin on L2-normalised embeddings (distances lie in [0, 2]); also the semihard "
+                    "miner's margin",
+    "train.contrastive_pos_margin": "contrastive loss: positive pairs closer than this cost nothing",
+    "train.contrastive_neg_margin": "contrastive loss: negative pairs farther than this cost nothing",
+    "train.lr": "backbone learning rate (AdamW)",
+    "train.head_lr_multiplier": "the projection head's learning rate is `train.lr` times this",
+    "train.weight_decay": "AdamW weight decay; not applied to biases, norm weights, Swinv2's logit_scale and "
+                          "continuous-position-bias MLP (chosen by parameter name, as timm does)",
+    "train.warmup_fraction": "linear warmup over this fraction of all optimiser steps, then cosine decay to 0",
+    "train.grad_clip": "max global gradient norm; 0 = off",
+    "train.precision": "`fp32`, `bf16` or `fp16` (with a gradient scaler) autocast; one code path for all three",
+    "train.seed": "model init, sampler plans, augmentation, miner draws, and the `--visualize` queries",
+    "train.patience": "stop after this many epochs without a better validation Recall@1; 0 = never stop early",
+    "train.device": "`auto` (the first GPU, else the CPU), `cpu`, `cuda` or `cuda:N`",
+    "train.compile": "`torch.compile` the backbone for training (the first step takes minutes; "
+                     "`configs/sop.yaml` turns it on)",
+    "train.grad_checkpointing": "recompute activations in the backward pass: less memory, more compute",
+    "train.tf32": "TF32 tensor cores for whatever still runs in fp32 on Ampere/Hopper GPUs "
+                  "(the exact kNN search always runs in IEEE fp32)",
+    "eval.recall_ks": "the k of Recall@k; a default k that a split is too small for is left out with a note, "
+                      "a k you set that does not fit (k > images - 1) stops with exit 2",
+    "eval.map_ks": "the k of mAP@k (same rule as `eval.recall_ks`)",
+    "eval.backend": "exact kNN: `torch` (blocked matmul + top-k, CPU or GPU), `faiss` (flat inner product; on the "
+                    "GPU when faiss is a GPU build and k + 2 <= 2048), `auto` = faiss on a GPU build, else torch",
+    "eval.batch_size": "images per forward pass when embedding",
+    "eval.cuda_graph": "on CUDA, capture the embedding forward as a CUDA graph at the start of each embedding pass "
+                       "and replay it for every batch (a short batch is padded); off with a compiled backbone, "
+                       "for passes of under 4 batches, and if the capture fails (with a warning)",
+    "eval.memory_gb": "working memory of the exact kNN search; its query block size follows from it "
+                      "(the N x k result, 12 bytes per entry, comes on top)",
+    "eval.precision": "`--mode eval`'s autocast precision when embedding (validation uses `train.precision`)",
+    "eval.device": "`--mode eval`'s device: `auto`, `cpu`, `cuda` or `cuda:N`",
+    "eval.compile": "`torch.compile` the backbone for `--mode eval`",
+    "output.dir": "the run folder; `\"\"` = models_ckpt/<config file's name> (`--config configs/mine.yaml`: "
+                  "models_ckpt/mine), or without a config file models_ckpt/<data.root's folder name> "
+                  "(its parent's name when that folder is named `train`)",
+    "wandb.mode": "`disabled`, `offline` (sync later with `wandb sync`) or `online`; a resumed run continues "
+                  "its wandb run",
+    "wandb.project": "wandb project name",
+    "wandb.entity": "wandb entity; `\"\"` = your default entity",
+    "wandb.run_name": "wandb run name; `\"\"` = wandb's default",
+}

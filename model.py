@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -30,16 +28,23 @@ def tiny_backbone_config(image_size: int) -> Swinv2Config:
     )
 
 
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    """One TCP connect to the hub. Without it, from_pretrained retries for ~25 s before failing."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+def hub_unreachable_reason(timeout_s: float = 3.0) -> str | None:
+    """Why the hub cannot be reached, or None when it answers; without this, from_pretrained retries for ~25 s.
+
+    One HEAD to the endpoint through huggingface_hub's own HTTP client, the one from_pretrained downloads
+    with: HF_ENDPOINT, HTTPS_PROXY / HTTP_PROXY / NO_PROXY and a custom client factory apply as they do
+    there. Any HTTP answer, whatever its status, counts as reachable. Offline mode (HF_HUB_OFFLINE)
+    answers at once, without a request.
+    """
+    from huggingface_hub import constants, get_session
+
+    if constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES:
+        return "offline mode: HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set"
     try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
-        return True
-    except OSError:
-        return False
+        get_session().head(constants.ENDPOINT, timeout=timeout_s, follow_redirects=False)
+    except Exception as error:  # noqa: BLE001 - whatever the HTTP backend raises, no answer came: say why
+        return f"{constants.ENDPOINT}: {type(error).__name__}: {error}"
+    return None
 
 
 def load_backbone(name: str, image_size: int) -> Swinv2Model:
@@ -70,8 +75,10 @@ def load_backbone(name: str, image_size: int) -> Swinv2Model:
         f"copy that folder here, and set model.backbone=models_ckpt/{name.split('/')[-1]} "
         f"(or model.backbone=tiny for a small random model)"
     )
-    if not _hub_reachable():
-        raise BackboneLoadError(f"cannot load backbone '{name}': not in the local cache and the hub is unreachable; {how_to_fix}")
+    unreachable = hub_unreachable_reason()
+    if unreachable is not None:
+        raise BackboneLoadError(f"cannot load backbone '{name}': not in the local cache and the hub is unreachable "
+                                f"({unreachable}); {how_to_fix}")
     try:
         return Swinv2Model.from_pretrained(name)
     except OSError as error:
@@ -152,15 +159,13 @@ def apply_speed_options(model: Embedder, attention: str = "eager", grad_checkpoi
     tests use "aot_eager" (the same graph capture and autograd tracing, without inductor's minutes of code
     generation on a CPU).
     """
-    from swinv2_attention import cache_shift_masks, use_sdpa_attention
+    from swinv2_attention import cache_shift_masks, enable_activation_checkpointing, use_sdpa_attention
 
     cache_shift_masks(model.backbone)  # same mask, built once: no per-forward host copy (CUDA graphs need that)
     if attention == "sdpa":
         use_sdpa_attention(model.backbone)
     if grad_checkpointing:
-        # transformers >= 5.2x renamed it; older 5.x only has the first name
-        enable = getattr(model.backbone, "activation_checkpointing_enable", None) or model.backbone.gradient_checkpointing_enable
-        enable()
+        enable_activation_checkpointing(model.backbone)
     if compile_backbone:
         model.backbone.compile(backend=compile_backend)
     return model

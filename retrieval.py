@@ -6,7 +6,10 @@ full N x N score matrix: whatever the backend, queries go in blocks sized from a
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+from contextlib import contextmanager
+from time import perf_counter
 
 import numpy as np
 import torch
@@ -25,6 +28,17 @@ FAISS_CANDIDATE_BYTES = CANDIDATE_BYTES + 36
 # a row recomputed for a tie at the k-th neighbour costs, per gallery item, its float32 scores (4), the stable
 # sort's values and indices (12) and the sort's scratch space (about 16).
 TIE_FIX_BYTES_PER_ITEM = 32
+
+# backend="auto" on the CPU: which backend is faster depends on the CPU (its BLAS, its vector units), so a
+# search of at least this many multiply-adds (N * N * D) times both on the same first queries and keeps the
+# faster; below it (a few seconds of search), torch runs untimed.
+TIMED_CHOICE_MIN_WORK = 1e10
+TIMED_CHOICE_ROWS = 512  # at most this many queries are searched twice, once by each backend
+
+# Every fp32 precision switch of torch >= 2.9 as (backend, op), parents first: setting a parent rewrites those
+# of its children that are "none", so a restore goes top down.
+_FP32_PRECISION_KEYS = (("generic", "all"), ("cuda", "all"), ("mkldnn", "all"),
+                        *((backend, op) for backend in ("cuda", "mkldnn") for op in ("matmul", "conv", "rnn")))
 
 
 def nearest_neighbours(
@@ -46,8 +60,12 @@ def nearest_neighbours(
         backend: "torch" (blocked float32 matmul + topk on `device`), "faiss" (brute-force `faiss.knn` on
             the CPU, or `faiss.knn_gpu` when `device` is cuda and faiss is a GPU build; faiss on the GPU
             selects at most 2048 candidates, so a search needing k + 2 > 2048 runs on the torch backend), or
-            "auto": faiss on the GPU when `device` is cuda and faiss has GPUs, else torch (on the CPU the
-            blocked torch search measured about 2x faster than faiss-cpu). The choice and its reason are logged.
+            "auto": with `device` cuda, faiss on the GPU when faiss has GPUs, else torch. On the CPU, whichever
+            backend is faster on this CPU (it differs between CPUs): a search of N * N * D >=
+            `TIMED_CHOICE_MIN_WORK` multiply-adds searches its first min(block size, `TIMED_CHOICE_ROWS`)
+            queries with both backends, timed, keeps the faster one's rows and searches the rest with it; a
+            smaller search, or one without faiss installed, runs on torch untimed. The choice, its reason
+            and, when timed, both times are logged (logger "retrieval", INFO).
         device: where the torch backend (and faiss, if it can) computes.
         block_size: queries per block; overrides the size derived from `memory_gb`.
         memory_gb: working-memory budget in GB (1e9 bytes), default 1.0 (`DEFAULT_MEMORY_GB`), on `device`
@@ -55,7 +73,8 @@ def nearest_neighbours(
             matrix and its top-(k + 1) candidates, b = 0.75 * budget / (4 N + 56 (k + 1)) (2,515 queries at
             N = 60,502, k = 1001), and the rest for rows recomputed after a tie; faiss's blocks hold its
             candidate buffers, b = budget / (92 (k + 2)). At least one query per block. Not counted: the
-            embeddings and the [N, k] result (12 bytes per entry, 0.73 GB at N = 60,502, k = 1001).
+            embeddings, the [N, k] result (12 bytes per entry, 0.73 GB at N = 60,502, k = 1001) and, when
+            auto times both backends, the slower one's rows for the timed queries (at most 512 x k entries).
 
     Returns:
         scores: [N, min(k, N - 1)] float32, the inner products, on the CPU.
@@ -69,6 +88,8 @@ def nearest_neighbours(
           row i is the first k of sorted((j for j != i), key=lambda j: (-score[i, j], j)).
         * Ties mean bitwise-equal float32 scores as the backend computed them. The backends round
           differently in the last bit, so they may order near-ties (|difference| ~ 1e-7) differently.
+        * Scores are IEEE float32 products whatever TF32 or float32-matmul-precision setting is in force
+          outside (`ieee_fp32`): the same ties and order on a GPU as on the CPU, up to that last bit.
 
     Corner cases / how exactness is achieved:
         torch.topk and faiss do not say which of several tied items survive the cut at position k. So
@@ -102,30 +123,72 @@ def nearest_neighbours(
     if not torch.isfinite(embeddings).all():
         raise ValueError("embeddings contain NaN or inf")
 
-    num_items = embeddings.shape[0]
+    num_items, dim = embeddings.shape
     k = min(k, num_items - 1)
-    backend, device, reason = _resolve_backend(backend, torch.device(device), k)
+    backend, device, reason = _resolve_backend(backend, torch.device(device), k, work=num_items * num_items * dim)
     budget_bytes = (DEFAULT_MEMORY_GB if memory_gb is None else memory_gb) * 1e9
-    if backend == "torch":
-        row_bytes = 4 * num_items + CANDIDATE_BYTES * (k + 1)
-        block_rows, tie_budget = _rows_within(0.75 * budget_bytes, row_bytes), 0.25 * budget_bytes
-    else:
-        block_rows, tie_budget = _rows_within(budget_bytes, FAISS_CANDIDATE_BYTES * (k + 2)), budget_bytes
-    block_rows = min(block_size or block_rows, max(num_items, 1))
-    tie_rows = min(block_rows, _rows_within(tie_budget, TIE_FIX_BYTES_PER_ITEM * num_items))
-    log.info("exact kNN: backend=%s device=%s (%s) N=%d D=%d k=%d block_size=%d memory_gb=%g",
-             backend, device, reason, num_items, embeddings.shape[1], k, block_rows, budget_bytes / 1e9)
-
     if k == 0:
+        log.info("exact kNN: N=%d, k=0: nothing to search", num_items)
         return torch.empty(num_items, 0), torch.empty(num_items, 0, dtype=torch.int64)
-    with torch.no_grad():
-        if backend == "torch":
-            return _search_torch(embeddings.to(device, torch.float32), k, block_rows, tie_rows)
-        return _search_faiss(embeddings.detach().cpu().float(), k, block_rows, tie_rows, device)
+    # Filled block by block: concatenating per-block results at the end would hold the result twice.
+    scores, indices = torch.empty(num_items, k), torch.empty(num_items, k, dtype=torch.int64)
+    with torch.no_grad(), ieee_fp32():
+        start, num_recomputed = 0, 0
+        if backend == "auto":  # on the CPU, big enough to time both backends on the first queries
+            backend, start, num_recomputed = _search_first_queries_with_the_faster_backend(
+                embeddings, k, budget_bytes, block_size, scores, indices)
+            reason = f"auto: the faster on this CPU, timed on the first {start} queries"
+        block_rows, tie_rows = _block_rows(backend, num_items, k, budget_bytes, block_size)
+        search = _searcher(backend, embeddings, k, tie_rows, device)
+        log.info("exact kNN: backend=%s device=%s (%s) N=%d D=%d k=%d block_size=%d memory_gb=%g",
+                 backend, device, reason, num_items, dim, k, block_rows, budget_bytes / 1e9,
+                 extra={"knn_backend": backend})
+        for block_start in range(start, num_items, block_rows):
+            block_end = min(block_start + block_rows, num_items)
+            num_recomputed += search(block_start, block_end, scores[block_start:block_end],
+                                     indices[block_start:block_end])
+    _log_recomputed(num_recomputed, num_items)
+    return scores, indices
 
 
-def _resolve_backend(requested: str, device: torch.device, k: int) -> tuple[str, torch.device, str]:
-    """(backend, device it computes on, why) for a requested backend and device."""
+def _search_first_queries_with_the_faster_backend(embeddings: torch.Tensor, k: int, budget_bytes: float,
+                                                  block_size: int | None, scores: torch.Tensor,
+                                                  indices: torch.Tensor):
+    """Search the same first queries with both CPU backends, timed; keep the faster one's rows (both follow the
+    ordering contract) in scores and indices. -> (the faster backend, queries done, rows it recomputed).
+
+    As few queries as fit both backends' blocks, at most TIMED_CHOICE_ROWS: enough to time the steady state
+    of a block (a matmul and a top-k over the whole gallery per query), little enough for the slower backend's
+    extra cost to be a small part of a search this big. The choice and both times are logged.
+    """
+    num_items = len(embeddings)
+    cpu = torch.device("cpu")
+    sizes = {backend: _block_rows(backend, num_items, k, budget_bytes, block_size) for backend in ("torch", "faiss")}
+    rows = min(TIMED_CHOICE_ROWS, num_items, *(block_rows for block_rows, _ in sizes.values()))
+    # Made (faiss imported, the gallery laid out) before the clock starts.
+    searches = {backend: _searcher(backend, embeddings, k, tie_rows, cpu) for backend, (_, tie_rows) in sizes.items()}
+    outputs = {"torch": (scores[:rows], indices[:rows]),
+               "faiss": (torch.empty(rows, k), torch.empty(rows, k, dtype=torch.int64))}
+    seconds, num_recomputed = {}, {}
+    for backend, search in searches.items():
+        started = perf_counter()
+        num_recomputed[backend] = search(0, rows, *outputs[backend])
+        seconds[backend] = perf_counter() - started
+    faster = min(seconds, key=seconds.get)  # a tie goes to torch, the first
+    if faster == "faiss":
+        scores[:rows], indices[:rows] = outputs["faiss"]
+    log.info("exact kNN: auto timed both CPU backends on the first %d queries: torch %.3f s, faiss %.3f s: "
+             "%s is faster", rows, seconds["torch"], seconds["faiss"], faster,
+             extra={"knn_seconds": dict(seconds, rows=rows)})
+    return faster, rows, num_recomputed[faster]
+
+
+def _resolve_backend(requested: str, device: torch.device, k: int,
+                     work: float = 0.0) -> tuple[str, torch.device, str]:
+    """(backend, device it computes on, why) for a requested backend and device; work: N * N * D.
+
+    The backend "auto" comes back for a CPU search of at least TIMED_CHOICE_MIN_WORK: both backends are timed.
+    """
     faiss_gpu = device.type == "cuda" and faiss_gpu_count() > 0
     if requested != "auto":
         backend, reason = requested, "requested"
@@ -133,10 +196,14 @@ def _resolve_backend(requested: str, device: torch.device, k: int) -> tuple[str,
         backend, reason = "faiss", "auto: device is cuda and faiss is a GPU build"
     elif device.type == "cuda":
         backend, reason = "torch", "auto: device is cuda and faiss has no GPU support here"
+    elif not faiss_installed():
+        backend, reason = "torch", "auto: faiss is not installed"
+    elif work < TIMED_CHOICE_MIN_WORK:
+        # Not timed: the timed queries would be a large part of a short search.
+        backend, reason = "torch", (f"auto: a small search (N * N * D = {work:.3g} < {TIMED_CHOICE_MIN_WORK:.0e}) "
+                                    "is not timed: torch, faster than faiss-cpu at small sizes where measured")
     else:
-        # Measured at SOP's size on 2 cores (bench/eval_bench.py): the blocked torch search took 39 s
-        # against faiss-cpu's 75 s at d=512, for 0.35 GB more peak memory. faiss stays one setting away.
-        backend, reason = "torch", "auto: on the CPU the blocked torch search is faster than faiss-cpu"
+        return "auto", device, "auto: both CPU backends timed on the first queries"
     if backend == "torch":
         return backend, device, reason
     if not faiss_gpu:
@@ -145,6 +212,10 @@ def _resolve_backend(requested: str, device: torch.device, k: int) -> tuple[str,
         return "torch", device, (f"{reason}, but faiss on the GPU selects at most {FAISS_GPU_MAX_K} candidates "
                                  f"and this search needs k + 2 = {k + 2}: torch on the GPU instead")
     return backend, device, reason
+
+
+def faiss_installed() -> bool:
+    return importlib.util.find_spec("faiss") is not None
 
 
 def faiss_gpu_count() -> int:
@@ -158,63 +229,75 @@ def faiss_gpu_count() -> int:
     return faiss.get_num_gpus()
 
 
+def _block_rows(backend: str, num_items: int, k: int, budget_bytes: float,
+                block_size: int | None) -> tuple[int, int]:
+    """(queries per block, tied rows recomputed at a time) within the budget (see `nearest_neighbours`)."""
+    if backend == "torch":
+        row_bytes = 4 * num_items + CANDIDATE_BYTES * (k + 1)
+        block_rows, tie_budget = _rows_within(0.75 * budget_bytes, row_bytes), 0.25 * budget_bytes
+    else:  # faiss frees its candidates before the tied rows are recomputed
+        block_rows, tie_budget = _rows_within(budget_bytes, FAISS_CANDIDATE_BYTES * (k + 2)), budget_bytes
+    block_rows = min(block_size or block_rows, max(num_items, 1))
+    return block_rows, min(block_rows, _rows_within(tie_budget, TIE_FIX_BYTES_PER_ITEM * num_items))
+
+
 def _rows_within(budget_bytes: float, bytes_per_row: int) -> int:
     return max(1, int(budget_bytes // max(bytes_per_row, 1)))
 
 
-def _search_torch(embeddings: torch.Tensor, k: int, block_rows: int,
-                  tie_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    num_items = embeddings.shape[0]
-    num_candidates = min(k + 1, num_items - 1)  # one extra, to see whether the cut at k falls inside a tie
-    # Filled block by block: concatenating per-block results at the end would hold the result twice.
-    scores, indices = torch.empty(num_items, k), torch.empty(num_items, k, dtype=torch.int64)
-    num_recomputed = 0
-    for start in range(0, num_items, block_rows):
-        block_scores = embeddings[start:start + block_rows] @ embeddings.T  # (b, N)
-        rows = torch.arange(block_scores.shape[0], device=embeddings.device)
+def _searcher(backend: str, embeddings: torch.Tensor, k: int, tie_rows: int, device: torch.device):
+    if backend == "torch":
+        return _torch_searcher(embeddings.to(device, torch.float32), k, tie_rows)
+    return _faiss_searcher(embeddings.detach().cpu().float(), k, tie_rows, device)
+
+
+def _torch_searcher(embeddings: torch.Tensor, k: int, tie_rows: int):
+    """-> search(start, end, scores, indices): the exact top-k of queries start..end - 1 into the (end - start, k)
+    CPU tensors scores and indices; returns how many of those rows tied at the cut and were recomputed."""
+    num_candidates = min(k + 1, len(embeddings) - 1)  # one extra, to see whether the cut at k falls inside a tie
+
+    def search(start: int, end: int, scores: torch.Tensor, indices: torch.Tensor) -> int:
+        block_scores = embeddings[start:end] @ embeddings.T  # (b, N)
+        rows = torch.arange(end - start, device=embeddings.device)
         block_scores[rows, rows + start] = float("-inf")  # the query itself, by index
         candidate_scores, candidate_indices = block_scores.topk(num_candidates, dim=1)  # (b, k + 1), descending
         tied = _tied_at_cut(candidate_scores, k)
         top_scores, top_indices = _order_by_score_then_index(candidate_scores[:, :k], candidate_indices[:, :k])
         del candidate_scores, candidate_indices
-        for chunk in tied.nonzero().squeeze(1).split(tie_rows):  # tied rows, a few at a time: full sorts
+        tied_rows = tied.nonzero().squeeze(1)
+        for chunk in tied_rows.split(tie_rows):  # tied rows, a few at a time: full sorts
             top_scores[chunk], top_indices[chunk] = _exact_top_k(block_scores[chunk], k)
-            num_recomputed += len(chunk)
         del block_scores
-        end = start + len(top_scores)
-        scores[start:end], indices[start:end] = top_scores.cpu(), top_indices.cpu()
-    _log_recomputed(num_recomputed, num_items)
-    return scores, indices
+        scores[:], indices[:] = top_scores.cpu(), top_indices.cpu()
+        return len(tied_rows)
+    return search
 
 
-def _search_faiss(embeddings: torch.Tensor, k: int, block_rows: int, tie_rows: int,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    num_items = embeddings.shape[0]
+def _faiss_searcher(embeddings: torch.Tensor, k: int, tie_rows: int, device: torch.device):
+    """Like `_torch_searcher`, by faiss; `device` is where faiss (if a GPU build) and the tied rows compute."""
+    num_items = len(embeddings)
     gallery = np.ascontiguousarray(embeddings.numpy(), dtype=np.float32)  # (N, D), shares memory if it can
     num_candidates = min(k + 1, num_items - 1)
     # One more than needed: the item itself usually comes back (it may not, when duplicates tie with it).
-    search = _faiss_search_function(gallery, num_candidates + 1, device)
-    scores, indices = torch.empty(num_items, k), torch.empty(num_items, k, dtype=torch.int64)
-    tied_rows = []
-    for start in range(0, num_items, block_rows):
-        candidate_scores, candidate_indices = map(torch.from_numpy, search(gallery[start:start + block_rows]))
-        block = len(candidate_scores)  # (b, c + 1) each, descending
-        is_self = candidate_indices == torch.arange(start, start + block).unsqueeze(1)  # at most one per row
+    faiss_search = _faiss_search_function(gallery, num_candidates + 1, device)
+    tie_embeddings = embeddings.to(device)  # tied rows are rescored by a torch matmul there
+
+    def search(start: int, end: int, scores: torch.Tensor, indices: torch.Tensor) -> int:
+        candidate_scores, candidate_indices = map(torch.from_numpy, faiss_search(gallery[start:end]))
+        block = end - start  # (b, c + 1) each, descending
+        is_self = candidate_indices == torch.arange(start, end).unsqueeze(1)  # at most one per row
         keep = ~is_self
         keep[~is_self.any(dim=1), -1] = False  # rows without self: drop the surplus last candidate instead
         candidate_scores = candidate_scores[keep].view(block, num_candidates)
         candidate_indices = candidate_indices[keep].view(block, num_candidates)
-        tied_rows.append(_tied_at_cut(candidate_scores, k).nonzero().squeeze(1) + start)
-        scores[start:start + block], indices[start:start + block] = _order_by_score_then_index(
-            candidate_scores[:, :k], candidate_indices[:, :k])
-
-    tied_rows = torch.cat(tied_rows)
-    embeddings = embeddings.to(device)
-    for rows in tied_rows.split(tie_rows):
-        row_top_scores, row_top_indices = query_neighbours(embeddings, rows, k)
-        scores[rows], indices[rows] = row_top_scores.cpu(), row_top_indices.cpu()
-    _log_recomputed(len(tied_rows), num_items)
-    return scores, indices
+        tied_rows = _tied_at_cut(candidate_scores, k).nonzero().squeeze(1)
+        scores[:], indices[:] = _order_by_score_then_index(candidate_scores[:, :k], candidate_indices[:, :k])
+        del candidate_scores, candidate_indices, keep, is_self
+        for rows in tied_rows.split(tie_rows):
+            row_scores, row_indices = query_neighbours(tie_embeddings, rows + start, k)
+            scores[rows], indices[rows] = row_scores.cpu(), row_indices.cpu()
+        return len(tied_rows)
+    return search
 
 
 def _faiss_search_function(gallery: np.ndarray, width: int, device: torch.device):
@@ -269,9 +352,56 @@ def query_neighbours(embeddings: torch.Tensor, query_indices: torch.Tensor, k: i
     """
     embeddings = torch.as_tensor(embeddings, dtype=torch.float32)
     query_indices = torch.as_tensor(query_indices, dtype=torch.int64).to(embeddings.device)
-    row_scores = embeddings[query_indices] @ embeddings.T  # (Q, N)
+    with torch.no_grad(), ieee_fp32():
+        row_scores = embeddings[query_indices] @ embeddings.T  # (Q, N)
     row_scores[torch.arange(len(query_indices), device=embeddings.device), query_indices] = -torch.inf
     return _exact_top_k(row_scores, min(k, len(embeddings) - 1))
+
+
+@contextmanager
+def ieee_fp32():
+    """Float32 matmuls and convolutions in IEEE fp32 inside, whatever precision was set outside; restored after.
+
+    Training may turn on TF32 (train.tf32: `torch.backends.cuda.matmul.allow_tf32`, cudnn's) or a lower
+    `torch.set_float32_matmul_precision` (on the CPU, "medium" lets oneDNN matmuls run in bf16). Those settings
+    are global, so the exact search would inherit them: scores rounded to ~10 mantissa bits, ties and the
+    order of near-ties differing between a GPU and a CPU report. Inside: allow_tf32 False for cuBLAS and
+    cuDNN, float32 matmul precision "highest", and with torch >= 2.9 every per-backend `fp32_precision` of
+    CUDA and oneDNN "ieee". On exit, also on an exception, every one of those settings is put back as it was,
+    both the legacy flags and the per-backend ones (torch keeps them apart; a flag torch refuses to read, after
+    a mix of its legacy and new APIs, is left to the per-backend restore).
+    """
+    legacy = {"cuda": _read_flag(lambda: torch.backends.cuda.matmul.allow_tf32),
+              "cudnn": _read_flag(lambda: torch.backends.cudnn.allow_tf32),
+              "precision": _read_flag(torch.get_float32_matmul_precision)}
+    per_backend = {key: torch._C._get_fp32_precision_getter(*key) for key in _FP32_PRECISION_KEYS} \
+        if hasattr(torch._C, "_get_fp32_precision_getter") else {}
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        for backend, op in per_backend:
+            if op != "all":  # the leaves decide; a parent only stands in for a leaf set to "none"
+                torch._C._set_fp32_precision_setter(backend, op, "ieee")
+        yield
+    finally:
+        # Legacy flags first (each also writes per-backend values), then the per-backend values, parents first.
+        if legacy["cuda"] is not None:
+            torch.backends.cuda.matmul.allow_tf32 = legacy["cuda"]
+        if legacy["cudnn"] is not None:
+            torch.backends.cudnn.allow_tf32 = legacy["cudnn"]
+        if legacy["precision"] is not None:
+            torch.set_float32_matmul_precision(legacy["precision"])
+        for key, value in per_backend.items():
+            torch._C._set_fp32_precision_setter(*key, value)
+
+
+def _read_flag(getter):
+    """A precision flag, or None where torch refuses to read it (after a mix of its legacy and new APIs)."""
+    try:
+        return getter()
+    except RuntimeError:
+        return None
 
 
 def _log_recomputed(num_recomputed: int, num_items: int) -> None:

@@ -1,5 +1,11 @@
 """Swinv2 window attention through `torch.nn.functional.scaled_dot_product_attention`.
 
+Supported transformers versions: 5.17.0 (the GPU figures were measured with it) to 5.24.0 (requirements.txt).
+This module owns all coupling to transformers internals: the `__class__` swaps of Swinv2SelfAttention and
+Swinv2Layer, the attributes read from them (SELF_ATTENTION_ATTRIBUTES), the `get_attn_mask` signature probe,
+the stand-in config for a small Swinv2SelfAttention, and the activation-checkpointing method's name.
+tests/test_swinv2_attention.py fails when a release breaks one of them, or gives Swinv2 native SDPA.
+
 transformers' `Swinv2SelfAttention` is eager only: it materialises the (windows, heads, tokens, tokens)
 score tensor several times in float32. `use_sdpa_attention` switches every such module of a model to
 `SdpaSwinv2SelfAttention`, a subclass with the same parameters and buffers (so pretrained state dicts
@@ -17,9 +23,7 @@ contractions instead of a scatter-add. Under torch.compile, inductor fused the s
 batch reduction of the mask gradient into one kernel that took 1.65 ms per stage-3 block, 20% of a
 Swinv2-B training step on an H200 (bench/profile_step.py).
 
-Only attributes present since Swinv2 entered transformers are used (query, key, value, logit_scale,
-continuous_position_bias_mlp, relative_coords_table, relative_position_index, dropout, window_size,
-num_attention_heads, attention_head_size, all_head_size).
+Only attributes present since Swinv2 entered transformers are used (SELF_ATTENTION_ATTRIBUTES).
 """
 
 from __future__ import annotations
@@ -36,8 +40,25 @@ from transformers.models.swinv2.modeling_swinv2 import Swinv2Layer, Swinv2SelfAt
 
 # Swinv2 clamps the learnt per-head temperature at 1 / 0.01 (logit_scale <= log(100)).
 MAX_LOGIT_SCALE = math.log(1.0 / 0.01)
-# transformers up to 5.17 builds the shifted-window mask on the host (no `device` argument) and copies it over.
-MASK_BUILT_ON_DEVICE = "device" in inspect.signature(Swinv2Layer.get_attn_mask).parameters
+# What SdpaSwinv2SelfAttention reads of transformers' module (tests check that they exist).
+SELF_ATTENTION_ATTRIBUTES = ("query", "key", "value", "logit_scale", "continuous_position_bias_mlp",
+                             "relative_coords_table", "relative_position_index", "dropout", "window_size",
+                             "num_attention_heads", "attention_head_size", "all_head_size")
+
+
+def attn_mask_takes_device(get_attn_mask) -> bool:
+    """Whether get_attn_mask takes `device`: from 5.18 it builds the mask there; 5.17 builds it on the host."""
+    return "device" in inspect.signature(get_attn_mask).parameters
+
+
+MASK_BUILT_ON_DEVICE = attn_mask_takes_device(Swinv2Layer.get_attn_mask)
+
+
+def enable_activation_checkpointing(backbone: nn.Module) -> None:
+    """Recompute each Swinv2 block's activations in the backward pass, by the name this transformers has."""
+    # 5.24: activation_checkpointing_enable (the old name warns; gone in v6). 5.17-5.18: the old name only.
+    enable = getattr(backbone, "activation_checkpointing_enable", None) or backbone.gradient_checkpointing_enable
+    enable()
 
 
 def offset_one_hot(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -189,7 +210,7 @@ def has_separable_index(module: Swinv2SelfAttention) -> bool:
     index = module.relative_position_index
     if index.is_meta:
         try:
-            with torch.device("cpu"):
+            with torch.device("cpu"):  # 5.17-5.24: the constructor reads only these two config fields
                 settings = SimpleNamespace(qkv_bias=True, attention_probs_dropout_prob=0.0)
                 index = Swinv2SelfAttention(settings, 1, 1, list(window)).relative_position_index
         except Exception:  # noqa: BLE001 - another transformers' constructor: keep the plain gather

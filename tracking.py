@@ -25,10 +25,14 @@ class Tracker:
             return
         import wandb  # heavy import: only when tracking is on
 
+        # silent: wandb's own banner and summary are ~40 lines per run; one line of ours says where it went.
         self.run = wandb.init(
             mode=mode, project=project, entity=entity or None, name=run_name or None, dir=str(run_dir),
             config=config, job_type=job_type, id=resume_id or None, resume="allow" if resume_id else None,
+            settings=wandb.Settings(silent=True),
         )
+        self.announcement = (f"wandb: {mode} run {self.run.id} in {self.run.dir}"
+                             + (f"; upload it with `wandb sync {Path(self.run.dir).parent}`" if mode == "offline" else ""))
 
     @property
     def run_id(self) -> str:
@@ -57,3 +61,4 @@ class Tracker:
         if self.run is not None:
             self.run.finish()
             self.run = None
+            print(self.announcement)

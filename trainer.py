@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -15,9 +13,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from checkpoint import model_only as model_only_state
+from checkpoint import CheckpointError, save_checkpoint_atomically, weights_digest
 from evaluation import autocast_context
 
-log = logging.getLogger("trainer")
 
 VALIDATION_METRIC = "recall@1"
 
@@ -34,64 +33,6 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; nothing from that step was applied or saved."""
 
 
-def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
-    """Linear warmup from ~0 to the base learning rate, then cosine decay to 0 at `total_steps`."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def build_optimizer(model: nn.Module, lr: float, head_lr_multiplier: float, weight_decay: float,
-                    device: torch.device) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases and norm gains; the projection head at lr * head_lr_multiplier."""
-    head_ids = {id(p) for p in model.head_parameters()}
-    groups = {"decay": [], "no_decay": [], "head": []}
-    for parameter in model.parameters():
-        if not parameter.requires_grad:
-            continue
-        if id(parameter) in head_ids:
-            groups["head"].append(parameter)
-        elif parameter.ndim >= 2:
-            groups["decay"].append(parameter)
-        else:
-            groups["no_decay"].append(parameter)
-    param_groups = [
-        {"params": groups["decay"], "lr": lr, "weight_decay": weight_decay},
-        {"params": groups["no_decay"], "lr": lr, "weight_decay": 0.0},
-        {"params": groups["head"], "lr": lr * head_lr_multiplier, "weight_decay": weight_decay},
-    ]
-    param_groups = [group for group in param_groups if group["params"]]
-    return torch.optim.AdamW(param_groups, fused=device.type == "cuda")
-
-
-def save_checkpoint_atomically(state: dict, path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`.
-
-    A crash at any moment leaves either the old file or the new one, never a torn one.
-    """
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as stream:
-        torch.save(state, stream)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
-
-
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """Load a checkpoint without running any code from the file (`weights_only=True`)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-
 class Trainer:
     """Owns the loop; everything it needs arrives built (model, objective, optimiser, loaders).
 
@@ -99,7 +40,6 @@ class Trainer:
         validate: model -> metrics dict with `recall@1`, run after every epoch on the held-out
             validation classes; None when there is no validation split (then last.pt is also best.pt).
         checkpoint_extra: what eval needs to rebuild the model without the hub (config, backbone config...).
-        is_main: only the main process logs, prints progress and writes files.
         skip_log: a `dataloaders.SkippedImageLog` that records training images the loader skipped as
             unreadable (`data.on_bad_image=skip`); None when the loader never skips.
     """
@@ -107,14 +47,14 @@ class Trainer:
     def __init__(self, model: nn.Module, objective, optimizer, scheduler, train_loader,
                  validate: Callable[[nn.Module], dict] | None, device: torch.device, precision: str,
                  grad_clip: float, epochs: int, patience: int, run_dir: Path, tracker, seed: int,
-                 checkpoint_extra: dict, is_main: bool = True, skip_log=None):
+                 checkpoint_extra: dict, skip_log=None):
         self.model, self.objective = model, objective
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.validate = train_loader, validate
         self.device, self.precision, self.grad_clip = device, precision, grad_clip
         self.epochs, self.patience = epochs, patience
         self.run_dir, self.tracker, self.seed = Path(run_dir), tracker, seed
-        self.checkpoint_extra, self.is_main = checkpoint_extra, is_main
+        self.checkpoint_extra = checkpoint_extra
         self.skip_log = skip_log
         # GradScaler matters only for fp16; disabled it is a pass-through, so the step has one code path.
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -132,22 +72,31 @@ class Trainer:
         labels = labels.to(self.device, non_blocking=True)
         with autocast_context(self.device, self.precision):
             embeddings = self.model(images)  # (B, D) float32, unit norm
+        # Checked before mining: a miner's argmax over NaN distances picks garbage indices, not a clear stop.
+        if not bool(torch.isfinite(embeddings).all()):  # note: a CPU-GPU sync point
+            raise NonFiniteLossError(self._diverged("the embeddings are NaN or infinite"))
         loss, num_triplets = self.objective(embeddings, labels)
         loss_value = loss.item()  # note: a CPU-GPU sync point, needed for the finiteness check
         if not math.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"loss is {loss_value} at step {self.global_step + 1} (epoch {self.epoch + 1}); "
-                f"stopped without applying it. Lower train.lr or use train.precision=fp32/bf16.")
+            raise NonFiniteLossError(self._diverged(f"the loss is {loss_value}"))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            gradient_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            # fp16's scaler skips steps with inf gradients by design; in bf16/fp32 they mean divergence.
+            if not self.scaler.is_enabled() and not math.isfinite(gradient_norm.item()):
+                raise NonFiniteLossError(self._diverged(f"the gradient norm is {gradient_norm.item()}"))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.global_step += 1
         return loss_value, num_triplets
+
+    def _diverged(self, what: str) -> str:
+        return (f"{what} at step {self.global_step + 1} (epoch {self.epoch + 1}): training diverged; stopped without "
+                f"applying the step, and the checkpoints keep their last finite state. Lower train.lr, or use "
+                f"train.precision=fp32/bf16 instead of fp16.")
 
     # ---- epochs ------------------------------------------------------------------------------
     def train_epoch(self) -> dict:
@@ -159,7 +108,7 @@ class Trainer:
         # Seeds the workers' augmentation when they start (each epoch unless workers are persistent).
         self.train_loader.generator.manual_seed(self.seed * 100_003 + self.epoch)
         progress = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", unit="batch", initial=start,
-                        total=len(sampler), disable=not self.is_main, dynamic_ncols=True)
+                        total=len(sampler), dynamic_ncols=True)
         total_loss, total_images, steps_run, started = 0.0, 0, 0, time.perf_counter()
         for step_in_epoch, (images, labels, _, skipped) in enumerate(progress, start=start + 1):
             if skipped:
@@ -190,15 +139,14 @@ class Trainer:
 
     def _note_skipped(self, skipped: list) -> None:
         new = self.skip_log.record("train", self.train_loader.dataset.image_list, skipped, f"epoch {self.epoch + 1}")
-        if new and self.is_main:
+        if new:
             tqdm.write(f"warning: skipped {new} unreadable training image(s) (data.on_bad_image=skip); "
                        f"{self.skip_log.count('train')} so far, listed in {self.skip_log.path}")
 
     def stop_at_step_boundary(self) -> None:
         """Save last.pt (mid-epoch position included) and raise TrainingInterrupted."""
         progress_note = f"epoch {self.epoch + 1}, batch {self.batches_done_in_epoch}, step {self.global_step}"
-        if self.is_main:
-            self.save("last.pt", {})
+        self.save("last.pt", {})
         raise TrainingInterrupted(f"stopped by {self.stop_signal} after {progress_note}; "
                                   f"{self.run_dir / 'last.pt'} saved: continue with --resume")
 
@@ -232,24 +180,24 @@ class Trainer:
             record = {"epoch": self.epoch, **summary, **{f"val/{k}": v for k, v in validation.items()}}
             self.history.append(record)
             self.tracker.log(record, step=self.global_step)
-            if self.is_main:
-                shown = f", val recall@1 {100 * metric:.2f}%" if validation else ""
-                tqdm.write(f"epoch {self.epoch}: loss {summary['train/epoch_loss']:.4f}, "
-                           f"{summary['train/epoch_images_per_second']:.1f} img/s{shown}"
-                           + (" (best)" if improved and validation else ""))
-                self.save("last.pt", validation)
-                if improved:
-                    self.save("best.pt", validation)
+            shown = f", val recall@1 {100 * metric:.2f}%" if validation else ""
+            tqdm.write(f"epoch {self.epoch}: loss {summary['train/epoch_loss']:.4f}, "
+                       f"{summary['train/epoch_images_per_second']:.1f} img/s{shown}"
+                       + (" (best)" if improved and validation else ""))
+            self.save("last.pt", validation)
+            if improved:
+                self.save("best.pt", validation, model_only=True)
             if self.patience and self.epochs_without_improvement >= self.patience:
-                if self.is_main:
-                    tqdm.write(f"early stopping: no better validation {VALIDATION_METRIC} for {self.patience} epochs")
+                tqdm.write(f"early stopping: no better validation {VALIDATION_METRIC} for {self.patience} epochs")
                 break
         return {"best_val_recall@1": self.best_metric, "epochs_completed": self.epoch}
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def state(self, metrics: dict) -> dict:
+        weights = self.model.state_dict()
         return {
-            "model": self.model.state_dict(),
+            "model": weights,
+            "weights_sha256": weights_digest(weights),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -267,8 +215,16 @@ class Trainer:
             **self.checkpoint_extra,
         }
 
-    def save(self, name: str, metrics: dict) -> None:
-        save_checkpoint_atomically(self.state(metrics), self.run_dir / name)
+    def save(self, name: str, metrics: dict, model_only: bool = False) -> None:
+        """last.pt: the whole state, for --resume; best.pt (model_only): what evaluation needs.
+
+        Weights that are no longer finite are never written: the previous checkpoint stays.
+        """
+        if not all(bool(torch.isfinite(parameter).all()) for parameter in self.model.parameters()):
+            raise NonFiniteLossError(f"the weights are NaN or infinite after step {self.global_step}: not saving "
+                                     f"{name}, which keeps its last finite state. Lower train.lr.")
+        state = self.state(metrics)
+        save_checkpoint_atomically(model_only_state(state) if model_only else state, self.run_dir / name)
 
     def resume(self, checkpoint: dict, source: Path) -> None:
         """Restore model, optimiser, scheduler, scaler, RNGs, epoch (and position in it) and early-stopping state.
@@ -278,7 +234,11 @@ class Trainer:
         after a resume differ from those an uninterrupted run would have drawn (same distribution).
         """
         self.model.load_state_dict(checkpoint["model"])  # copies onto the model's device
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        except ValueError as error:  # e.g. parameter groups of an earlier version of this program
+            raise CheckpointError(f"{source}: its optimiser state does not fit this version's optimiser ({error}); "
+                                  f"start a new run from its weights, or resume it with the version that wrote it") from None
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.objective.load_state_dict(checkpoint["objective"])
@@ -291,6 +251,5 @@ class Trainer:
         if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([state.cpu() for state in checkpoint["rng"]["cuda"]])
         self.history = list(checkpoint["history"])
-        if self.is_main:
-            within = f" and {self.batches_done_in_epoch} batches of the next" if self.batches_done_in_epoch else ""
-            tqdm.write(f"resumed from {source}: {self.epoch} epochs done{within}, step {self.global_step}")
+        within = f" and {self.batches_done_in_epoch} batches of the next" if self.batches_done_in_epoch else ""
+        tqdm.write(f"resumed from {source}: {self.epoch} epochs done{within}, step {self.global_step}")

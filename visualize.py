@@ -84,11 +84,12 @@ def retrieval_grid(
     image_paths: list[Path],
     output_path: Path,
     thumbnail_size: int = 96,
+    class_names: tuple[str, ...] | list[str] = (),
 ) -> Path:
     """Draw one row per query: the query (blue frame), then its top-k results in rank order.
 
     A result's frame is green when its label equals the query's, red otherwise. Captions give the
-    class id, and for results the distance on the unit sphere, sqrt(max(0, 2 - 2 * score)), which
+    class (its name when `class_names` has it, else `class <id>`), and for results the distance on the unit sphere, sqrt(max(0, 2 - 2 * score)), which
     assumes the scores are inner products of L2-normalised embeddings.
 
     Args:
@@ -100,6 +101,7 @@ def retrieval_grid(
         image_paths: N absolute image paths.
         output_path: the PNG to write; parent folders are created.
         thumbnail_size: side of each square thumbnail in pixels (images are letterboxed, not cropped).
+        class_names: names indexed by class id (a folder catalogue's folder names); () = show ids.
 
     Returns:
         `output_path`.
@@ -136,12 +138,16 @@ def retrieval_grid(
     grid = Image.new("RGB", layout.size, BACKGROUND_COLOUR)
     draw = ImageDraw.Draw(grid)
     distances = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * neighbour_scores))
+
+    def class_caption(label) -> str:
+        return class_names[label] if 0 <= label < len(class_names) else f"class {label}"
+
     for row, query in enumerate(query_indices.tolist()):
         query_label = labels[query]
-        tiles = [(query, QUERY_COLOUR, ["query", f"class {query_label}"])]
+        tiles = [(query, QUERY_COLOUR, ["query", class_caption(query_label)])]
         for rank, (item, distance) in enumerate(zip(neighbour_indices[row].tolist(), distances[row].tolist()), 1):
             colour = CORRECT_COLOUR if labels[item] == query_label else WRONG_COLOUR
-            tiles.append((item, colour, [f"#{rank} class {labels[item]}", f"d = {distance:.3f}"]))
+            tiles.append((item, colour, [f"#{rank} {class_caption(labels[item])}", f"d = {distance:.3f}"]))
         for column, (item, colour, caption) in enumerate(tiles):
             x, y = layout.tile_origin(row, column)
             draw.rectangle([x, y, x + layout.tile_width - 1, y + layout.tile_width - 1], fill=colour)
@@ -212,7 +218,7 @@ def plot_validation_curve(history: list[dict], output_path: Path) -> Path | None
     if not any(epochs for epochs, _ in series.values()):
         return None
 
-    figure = Figure(figsize=(6, 4), dpi=120)
+    figure = Figure(figsize=(6, 4.4), dpi=120, layout="constrained")
     axes = figure.add_subplot()
     lines = []
     for (name, (epochs, values)), colour in zip(series.items(), ("tab:blue", "tab:green")):
@@ -228,7 +234,8 @@ def plot_validation_curve(history: list[dict], output_path: Path) -> Path | None
         loss_axes = axes.twinx()
         lines += loss_axes.plot(loss_epochs, losses, linestyle="--", color="tab:red", label="train loss")
         loss_axes.set_ylabel("train loss (epoch mean)")
-    axes.legend(lines, [line.get_label() for line in lines], loc="best")
+    # Below the plot, not inside it: inside, it covered the first epochs of one line or another.
+    figure.legend(lines, [line.get_label() for line in lines], loc="outside lower center", ncols=len(lines))
     axes.set_title("validation during training")
     return _save_figure(figure, Path(output_path))
 
@@ -266,7 +273,8 @@ def _thumbnail(path: Path, size: int, font) -> Image.Image:
 
 def _save_figure(figure: Figure, path: Path) -> Path:
     FigureCanvasAgg(figure)  # attaches the Agg canvas; no pyplot, so no global figure state
-    figure.tight_layout()
+    if figure.get_layout_engine() is None:
+        figure.tight_layout()
     return _write_png(path, lambda temporary: figure.savefig(temporary, format="png"))
 
 

@@ -1,7 +1,7 @@
 """Evaluation at SOP's scale: exact kNN + metrics, ours against pytorch-metric-learning (PML).
 
     python bench/eval_bench.py [--n 60502] [--dims 512,1024] [--devices cpu,cuda] [--k 1001]
-                               [--memory-gb 1.0] [--out FILE.json]
+                               [--memory-gb 1.0] [--cases ours/torch,ours/faiss,ours/auto] [--out FILE.json]
 
 Data: synthetic clustered embeddings shaped like SOP's test split: N = 60,502 items in classes of 2-12 (mean
 5.35, as SOP's 60,502 images in 11,316 classes), each item its class centre plus Gaussian noise, normalised.
@@ -9,12 +9,14 @@ Data: synthetic clustered embeddings shaped like SOP's test split: N = 60,502 it
 Cases, each in a fresh process (so peak RSS is the case's own, from /usr/bin/time -v where present, else
 from RUSAGE_CHILDREN in a one-command wrapper process), per dimension and device:
   * ours/<backend>: `evaluation.evaluate_embeddings` with the default recall ks (k = 1000 neighbours): seconds
-    in search and in metrics, peak RSS, and torch.cuda.max_memory_allocated on a GPU;
+    in search and in metrics, peak RSS, and torch.cuda.max_memory_allocated on a GPU. ours/auto shows the
+    backend auto chose (on the CPU, by timing both on the first queries: both times are kept in the JSON);
   * pml: AccuracyCalculator(include=(precision_at_1, mean_average_precision_at_r, r_precision), k=1001)
     .get_accuracy on the same data (faiss IndexFlatL2 under the hood): the same 1002-wide search;
   * main.py (CPU only, main.py takes no device here): the whole `python main.py --mode eval --embeddings E.npy
     --labels L.npy` call, with the default backend and with eval.backend=torch.
-Cases whose libraries are missing (PML, faiss; a GPU) are skipped with a note. Prints a Markdown table,
+--cases keeps only the named cases. Cases whose libraries are missing (PML, faiss; a GPU) are skipped with a
+note. Prints the CPU it ran on first (the CPU decides which CPU backend is faster), then a Markdown table,
 ratios against PML on the same data and device, and the goals; writes everything to --out as JSON.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import platform
 import re
@@ -39,6 +42,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SOP_MEAN_CLASS_SIZE = 60_502 / 11_316
 RECALL_KS = [1, 10, 100, 1000]  # the config's default eval.recall_ks
+CASES = ("ours/faiss", "ours/torch", "ours/auto", "pml", "main.py", "main.py eval.backend=torch")
 
 
 # ---- data -----------------------------------------------------------------------------------------------
@@ -62,10 +66,36 @@ def clustered_embeddings(labels: np.ndarray, dim: int, noise: float, rng: np.ran
     return embeddings
 
 
+def cpu_description() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one) and how many logical CPUs this process may use."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model}, {usable} of {os.cpu_count()} logical CPUs usable"
+
+
 # ---- workers: one case each, in their own process -------------------------------------------------------
 def resident_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+class SearchChoice(logging.Handler):
+    """Keeps the backend the search ran on and, when auto timed both, their times (retrieval's log records)."""
+
+    def __init__(self, result: dict):
+        super().__init__(logging.INFO)
+        self.result = result
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if hasattr(record, "knn_backend"):
+            self.result["knn_backend"] = record.knn_backend
+        if hasattr(record, "knn_seconds"):
+            self.result["knn_timed"] = record.knn_seconds
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -73,6 +103,9 @@ def run_worker(args: argparse.Namespace) -> None:
 
     embeddings, labels = np.load(args.embeddings), np.load(args.labels)
     result = {"rss_after_load_gb": resident_bytes() / 1e9}
+    search_log = logging.getLogger("retrieval")
+    search_log.setLevel(logging.INFO)
+    search_log.addHandler(SearchChoice(result))
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -118,6 +151,9 @@ def run_measured(command: list[str]) -> dict:
     for line in completed.stdout.splitlines():
         if line.startswith("RESULT "):
             measured.update(json.loads(line[len("RESULT "):]))
+    chosen = re.search(r"exact kNN: backend=(\w+)", completed.stderr)  # main.py --debug logs the search's choice
+    if chosen and "knn_backend" not in measured:
+        measured["knn_backend"] = chosen.group(1)
     return measured
 
 
@@ -131,8 +167,8 @@ def available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def plan_cases(devices: list[str], notes: list[str]) -> list[tuple[str, str]]:
-    """(case, device) pairs that can run here."""
+def plan_cases(devices: list[str], notes: list[str], wanted: set[str] | None = None) -> list[tuple[str, str]]:
+    """(case, device) pairs that can run here; only the wanted cases when given."""
     import torch
 
     sys.path.insert(0, str(REPO_ROOT))
@@ -148,14 +184,14 @@ def plan_cases(devices: list[str], notes: list[str]) -> list[tuple[str, str]]:
             cases.append(("ours/faiss", device))
         else:
             notes.append(f"{device}: ours/faiss skipped (faiss{'' if device == 'cpu' else ' GPU'} not installed)")
-        cases.append(("ours/torch", device))
+        cases += [("ours/torch", device), ("ours/auto", device)]
         if available("pytorch_metric_learning") and available("faiss"):
             cases.append(("pml", device))
         else:
             notes.append(f"{device}: PML skipped (pytorch-metric-learning or faiss not installed)")
         if device == "cpu":
             cases += [("main.py", device), ("main.py eval.backend=torch", device)]
-    return cases
+    return [(case, device) for case, device in cases if wanted is None or case in wanted]
 
 
 def case_command(case: str, device: str, files: dict, args: argparse.Namespace) -> list[str]:
@@ -163,7 +199,7 @@ def case_command(case: str, device: str, files: dict, args: argparse.Namespace) 
         fitting = ",".join(str(k) for k in RECALL_KS if k < args.n)  # main.py refuses k >= N
         overrides = [*case.split()[1:], f"eval.recall_ks=[{fitting}]", f"eval.map_ks=[{1000 if args.n > 1000 else ''}]"]
         return [sys.executable, str(REPO_ROOT / "main.py"), "--mode", "eval", "--embeddings", str(files["embeddings"]),
-                "--labels", str(files["labels"]), "--output", str(files["report"]), *overrides]
+                "--labels", str(files["labels"]), "--output", str(files["report"]), "--debug", *overrides]
     worker = "pml" if case == "pml" else case.split("/")[1]
     return [sys.executable, __file__, "--worker", worker, "--embeddings", str(files["embeddings"]),
             "--labels", str(files["labels"]), "--device", device, "--k", str(args.k),
@@ -178,7 +214,12 @@ def run_case(case: str, device: str, files: dict, args: argparse.Namespace) -> d
         report = json.loads(files["report"].read_text())
         row.update(seconds_search=report["seconds_search"], seconds_metrics=report["seconds_metrics"],
                    metrics={key: report[key] for key in ("recall@1", "map@r", "r_precision")})
-    print(f"  {case} on {device}: {row['seconds_process']:.1f} s, peak RSS {row['peak_rss_gb']:.2f} GB", flush=True)
+    chosen = f", searched with {row['knn_backend']}" if "knn_backend" in row else ""
+    timed = row.get("knn_timed")
+    if timed:
+        chosen += f" (auto timed torch {timed['torch']:.2f} s, faiss {timed['faiss']:.2f} s on {timed['rows']} queries)"
+    print(f"  {case} on {device}: {row['seconds_process']:.1f} s, peak RSS {row['peak_rss_gb']:.2f} GB{chosen}",
+          flush=True)
     return row
 
 
@@ -204,8 +245,11 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         compute = row.get("seconds_compute", row.get("seconds_search", 0) + row.get("seconds_metrics", 0))
+        chosen = row.get("knn_backend")  # shown where the case does not name it: ours/auto, main.py's default
+        named = chosen is None or row["case"].endswith((f"/{chosen}", f"={chosen}"))
+        case = row["case"] + ("" if named else f" ({chosen})")
         lines.append(" | ".join([
-            f"| {row['dim']}", row["device"], row["case"], cell(row, "seconds_search", "{:.1f}"),
+            f"| {row['dim']}", row["device"], case, cell(row, "seconds_search", "{:.1f}"),
             cell(row, "seconds_metrics", "{:.2f}"), f"{compute:.1f}", cell(row, "seconds_process", "{:.1f}"),
             cell(row, "peak_rss_gb", "{:.2f}"), cell(row, "gpu_peak_gb", "{:.2f}"), cell(row, "time_vs_pml", "{:.2f}"),
             cell(row, "rss_vs_pml", "{:.2f}"), f"{100 * row['metrics']['recall@1']:.2f}",
@@ -243,6 +287,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--noise", type=float, default=2.2,
                         help="noise norm over the unit class centre; 2.2 gives Recall@1 near 0.8 at d=512")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cases", default=None,
+                        help=f"comma-separated cases to run, of {', '.join(CASES)}; all that can run here by default")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--embeddings", type=Path, help=argparse.SUPPRESS)
@@ -250,7 +296,11 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("command", nargs="*", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = set(args.cases.split(",")) - set(CASES) if args.cases else set()
+    if unknown:
+        parser.error(f"--cases: unknown {sorted(unknown)}; the cases are {', '.join(CASES)}")
+    return args
 
 
 def main(argv: list[str]) -> None:
@@ -260,8 +310,10 @@ def main(argv: list[str]) -> None:
     if args.worker:
         return run_worker(args)
 
+    cpu = cpu_description()
+    print(f"CPU: {cpu}", flush=True)
     notes: list[str] = []
-    cases = plan_cases(args.devices.split(","), notes)
+    cases = plan_cases(args.devices.split(","), notes, set(args.cases.split(",")) if args.cases else None)
     rows = []
     with tempfile.TemporaryDirectory(prefix="eval_bench_") as folder:
         files = {"embeddings": Path(folder) / "E.npy", "labels": Path(folder) / "L.npy",
@@ -279,9 +331,9 @@ def main(argv: list[str]) -> None:
     print("\n".join(f"- {line}" for line in notes + goal_lines))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "args": vars(args) | {
-            "out": str(args.out)}, "rows": rows, "notes": notes, "goals": goal_lines, "table": table},
-            indent=2, default=str) + "\n")
+        args.out.write_text(json.dumps({"machine": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
+                                        "args": vars(args) | {"out": str(args.out)}, "rows": rows, "notes": notes,
+                                        "goals": goal_lines, "table": table}, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from evaluation import autocast_context  # noqa: E402
 from graphed_inference import PaddedBatches, inference_forward  # noqa: E402
 from model import Embedder, apply_speed_options, tiny_backbone_config  # noqa: E402
 from objective import MetricLearningObjective  # noqa: E402
-from trainer import Trainer, build_optimizer, warmup_cosine_schedule  # noqa: E402
+from optimization import build_optimizer, warmup_cosine_schedule  # noqa: E402
+from trainer import Trainer  # noqa: E402
 
 
 def swinv2_base_config() -> Swinv2Config:

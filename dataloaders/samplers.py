@@ -1,10 +1,9 @@
 """Batch samplers for metric learning: every batch must contain positive pairs to learn from.
 
 Both samplers yield lists of item indices; use them as `DataLoader(dataset, batch_sampler=sampler)`.
-An epoch's plan is a pure function of (seed, epoch), computed on every rank alike, so runs are
-reproducible, a resumed run replays the same batches (`set_epoch` + `set_start_batch`), and ranks
-agree on the plan without communicating. As with DistributedSampler, call `set_epoch(epoch)` before
-each epoch, otherwise every epoch repeats the plan of epoch 0.
+An epoch's plan is a pure function of (seed, epoch), so runs are reproducible and a resumed run
+replays the same batches (`set_epoch` + `set_start_batch`). As with DistributedSampler, call
+`set_epoch(epoch)` before each epoch, otherwise every epoch repeats the plan of epoch 0.
 """
 
 from __future__ import annotations
@@ -14,31 +13,25 @@ from torch.utils.data import Sampler
 
 
 class _EpochPlanSampler(Sampler[list[int]]):
-    """Shared bookkeeping: per-epoch seeding, mid-epoch resume and the split of batches over ranks.
+    """Shared bookkeeping: per-epoch seeding and mid-epoch resume.
 
-    Subclasses set `_num_batches` (all ranks together) and implement `_plan(rng)` returning
-    int64 [num_batches, batch_size].
+    Subclasses set `_num_batches` and implement `_plan(rng)` returning int64 [num_batches, batch_size].
     """
 
-    def __init__(self, num_batches: int, seed: int, rank: int, world_size: int) -> None:
+    def __init__(self, num_batches: int, seed: int) -> None:
         super().__init__()
         if seed < 0:
             raise ValueError(f"seed must be >= 0 (numpy seeding), got {seed}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if num_batches < world_size:
-            raise ValueError(
-                f"{type(self).__name__}: {num_batches} batches per epoch cannot be shared by "
-                f"{world_size} ranks; use more data or smaller batches"
-            )
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        if num_batches < 1:
+            raise ValueError(f"{type(self).__name__}: the data make no whole batch; use more data or smaller batches")
+        self.seed = seed
         self.epoch = 0
         self._num_batches = num_batches
         self._start_batch = 0
 
     def __len__(self) -> int:
-        """Batches this rank yields per epoch; the same every epoch and on every rank."""
-        return self._num_batches // self.world_size
+        """Batches per epoch; the same every epoch."""
+        return self._num_batches
 
     def set_epoch(self, epoch: int) -> None:
         """Select the plan of `epoch` (>= 0) for the following iterations, from its first batch."""
@@ -48,7 +41,7 @@ class _EpochPlanSampler(Sampler[list[int]]):
         self._start_batch = 0
 
     def set_start_batch(self, num_batches: int) -> None:
-        """Skip this rank's first `num_batches` batches of the current epoch, until the next `set_epoch`.
+        """Skip the first `num_batches` batches of the current epoch, until the next `set_epoch`.
 
         It holds for every iteration of the epoch, not just the next one: a DataLoader with workers
         calls iter() on its batch sampler twice when it starts (once in the iterator's base class,
@@ -59,15 +52,12 @@ class _EpochPlanSampler(Sampler[list[int]]):
         self._start_batch = num_batches
 
     def epoch_plan(self, epoch: int) -> np.ndarray:
-        """int64 [num_batches, batch_size]: all ranks' batches of `epoch`, before the rank split."""
+        """int64 [num_batches, batch_size]: the batches of `epoch`, in order."""
         return self._plan(np.random.default_rng((self.seed, epoch)))
 
     def __iter__(self):
         start = self._start_batch  # read now, not lazily inside the generator
-        # Ranks interleave (r, r + W, ...) and the tail that cannot be shared evenly is dropped:
-        # every rank must run the same number of steps or collective ops hang.
-        mine = self.epoch_plan(self.epoch)[self.rank : len(self) * self.world_size : self.world_size]
-        return (batch.tolist() for batch in mine[start:])
+        return (batch.tolist() for batch in self.epoch_plan(self.epoch)[start:])
 
     def _plan(self, rng: np.random.Generator) -> np.ndarray:
         raise NotImplementedError
@@ -86,7 +76,7 @@ class PKBatchSampler(_EpochPlanSampler):
            repeat is a different view of the same product, and small classes still give K
            positives. The loss sees them as ordinary positives; items carry their index if a
            caller wants to tell same-source pairs apart.
-        2. Chunks are dealt to the len() * world_size batches so that no batch gets two chunks of
+        2. Chunks are dealt to the len() batches so that no batch gets two chunks of
            one class: classes in random order with their chunks consecutive, dealt round by
            round, each round a fresh random permutation of the batches (the class that spans two
            rounds avoids, in the second, the batches it took in the first).
@@ -94,23 +84,21 @@ class PKBatchSampler(_EpochPlanSampler):
 
     Corner cases:
         - Single-image classes form no positive pair: excluded, counted in `num_excluded_classes`.
-        - len() is total_chunks // P (then // world_size), the same every epoch. The chunks left
+        - len() is total_chunks // P, the same every epoch. The chunks left
           over by that floor (at most P - 1) are chosen at random each epoch, so an image can miss
           one epoch only when total_chunks % P != 0.
         - A class with more chunks than there are batches (one class dominating the data) cannot
           place all of them: the excess is left out, and the batches it would have filled get fresh
           chunks of random other classes (images repeated within the epoch).
-        - With world_size > 1, rank r takes batches r, r + world_size, ...
 
     Args:
         labels: int [N] class label per dataset item.
         classes_per_batch: P >= 2.
         images_per_class: K >= 2.
         seed: >= 0; with the epoch, fixes the plan.
-        rank, world_size: this process's share of the batches.
 
     Raises:
-        ValueError: P < 2, K < 2, fewer than P classes with >= 2 images, or fewer batches than ranks.
+        ValueError: P < 2, K < 2, or fewer than P classes with >= 2 images.
     """
 
     def __init__(
@@ -119,8 +107,6 @@ class PKBatchSampler(_EpochPlanSampler):
         classes_per_batch: int,
         images_per_class: int,
         seed: int,
-        rank: int = 0,
-        world_size: int = 1,
     ) -> None:
         if classes_per_batch < 2:
             raise ValueError(f"classes_per_batch (P) must be >= 2 to have negatives, got {classes_per_batch}")
@@ -133,11 +119,11 @@ class PKBatchSampler(_EpochPlanSampler):
             raise ValueError(
                 f"PKBatchSampler: classes_per_batch (P) = {classes_per_batch} but only "
                 f"{len(self._members)} classes have >= 2 images "
-                f"({self.num_excluded_classes} single-image classes excluded); lower P"
+                f"({self.num_excluded_classes} single-image classes excluded)"
             )
         self.classes_per_batch, self.images_per_class = classes_per_batch, images_per_class
         self._num_chunks = np.array([-(-m.size // images_per_class) for m in self._members])
-        super().__init__(int(self._num_chunks.sum()) // classes_per_batch, seed, rank, world_size)
+        super().__init__(int(self._num_chunks.sum()) // classes_per_batch, seed)
 
     def _plan(self, rng: np.random.Generator) -> np.ndarray:
         P, K, B = self.classes_per_batch, self.images_per_class, self._num_batches
@@ -211,7 +197,7 @@ class RandomTripletBatchSampler(_EpochPlanSampler):
 
     Corner cases:
         - Single-image classes cannot be anchors; counted in `num_excluded_classes`.
-        - len() = num_anchors // T (then // world_size); the last num_anchors % T anchors of the
+        - len() = num_anchors // T; the last num_anchors % T anchors of the
           shuffled order are not used that epoch.
         - An image may appear several times in a batch (e.g. as one anchor's positive and another's
           negative).
@@ -221,8 +207,7 @@ class RandomTripletBatchSampler(_EpochPlanSampler):
     """
 
     def __init__(
-        self, labels: np.ndarray, triplets_per_batch: int, seed: int, rank: int = 0, world_size: int = 1
-    ) -> None:
+        self, labels: np.ndarray, triplets_per_batch: int, seed: int) -> None:
         if triplets_per_batch < 1:
             raise ValueError(f"triplets_per_batch must be >= 1, got {triplets_per_batch}")
         members = _members_by_class(labels)
@@ -242,7 +227,7 @@ class RandomTripletBatchSampler(_EpochPlanSampler):
                 f"RandomTripletBatchSampler: triplets_per_batch = {triplets_per_batch} but only "
                 f"{self._anchors.size} images are in classes with >= 2 images"
             )
-        super().__init__(self._anchors.size // triplets_per_batch, seed, rank, world_size)
+        super().__init__(self._anchors.size // triplets_per_batch, seed)
 
     def _plan(self, rng: np.random.Generator) -> np.ndarray:
         B, T = self._num_batches, self.triplets_per_batch

@@ -9,12 +9,12 @@ import time
 import torch
 
 from conftest import REPO_ROOT
-from trainer import load_checkpoint
+from checkpoint import load_checkpoint
 
 WRITER = """
 import sys, torch
 sys.path.insert(0, {repo!r})
-from trainer import save_checkpoint_atomically
+from checkpoint import save_checkpoint_atomically
 from pathlib import Path
 path = Path({path!r})
 for i in range(100000):

@@ -10,7 +10,7 @@ import torch
 
 import main
 from conftest import REPO_ROOT
-from trainer import load_checkpoint
+from checkpoint import load_checkpoint
 
 REPORT_KEYS = {"recall@1", "map@r", "r_precision", "mrr", "num_queries"}
 
@@ -106,7 +106,8 @@ def test_resume_restores_exact_state_into_the_trainer(tmp_path):
     saved = load_checkpoint(tmp_path / "run" / "last.pt")
     from model import build_embedder
     from objective import MetricLearningObjective
-    from trainer import Trainer, build_optimizer, warmup_cosine_schedule
+    from optimization import build_optimizer, warmup_cosine_schedule
+    from trainer import Trainer
 
     model = build_embedder("tiny", 32, 64)
     optimizer = build_optimizer(model, 1e-3, 1.0, 0.05, torch.device("cpu"))
@@ -203,5 +204,5 @@ def test_checkpoint_from_another_model_definition_is_refused_with_the_difference
     assert "model.embedding_dim: 64 in the checkpoint, 32 now" in capsys.readouterr().err
     assert "embedding_dim: 64" in (tmp_path / "run" / "config.yaml").read_text()  # the run's config untouched
     assert run_cli("--mode", "eval", "--config", REPO_ROOT / "configs/demo.yaml", *overrides, "data.image_size=48") == 2
-    assert "data.image_size: 32 in the checkpoint, 48 now" in capsys.readouterr().err
+    assert "data.image_size=48 was asked for, but checkpoint" in capsys.readouterr().err
     assert (tmp_path / "run" / "last.pt").read_bytes() == before

@@ -302,17 +302,6 @@ def test_pk_set_start_batch_skips_until_the_next_epoch():
         sampler.set_start_batch(len(sampler) + 1)
 
 
-def test_pk_ranks_partition_the_batches():
-    labels = np.repeat(np.arange(30), 5)
-    single = PKBatchSampler(labels, 4, 2, seed=0)
-    ranks = [PKBatchSampler(labels, 4, 2, seed=0, rank=r, world_size=3) for r in range(3)]
-    assert all(len(s) == len(single) // 3 for s in ranks)
-    per_rank = [_batches(s) for s in ranks]
-    full = _batches(single)
-    for r in range(3):
-        assert per_rank[r] == full[r : 3 * len(ranks[r]) : 3]
-
-
 @pytest.mark.parametrize(
     "labels, P, K, message",
     [
@@ -325,11 +314,6 @@ def test_pk_ranks_partition_the_batches():
 def test_pk_impossible_settings_raise_clear_errors(labels, P, K, message):
     with pytest.raises(ValueError, match=message):
         PKBatchSampler(labels, P, K, seed=0)
-
-
-def test_pk_more_ranks_than_batches_raises():
-    with pytest.raises(ValueError, match="cannot be shared by 4 ranks"):
-        PKBatchSampler(np.repeat(np.arange(4), 2), 2, 2, seed=0, rank=0, world_size=4)
 
 
 # ----------------------------------------------------------------------------- triplet sampler

@@ -109,6 +109,21 @@ def test_a_graph_that_embeds_the_first_batch_differently_is_dropped_with_a_warni
             assert checked_against_plain(lambda images: torch.full_like(stale, float("nan")), model, first) is model
 
 
+def test_a_graph_off_by_small_entries_or_rescaled_rows_is_dropped():
+    """Both slip under an absolute 1e-2 check on unit vectors; the row cosine and the absolute bound catch them."""
+    torch.manual_seed(0)
+    expected = torch.nn.functional.normalize(torch.randn(8, 512), dim=1)
+    drifted = expected + 0.009 * torch.sign(torch.randn(8, 512))  # every entry within 1e-2, row cosine ~0.98
+    assert (drifted - expected).abs().max() < 1e-2
+    plain = lambda images: expected  # noqa: E731
+    with pytest.warns(UserWarning, match="lowest row cosine"):
+        assert checked_against_plain(lambda images: drifted, plain, None) is plain
+    rescaled = 1.2 * expected  # same directions, rows no longer unit length
+    with pytest.warns(UserWarning, match="largest difference"):
+        assert checked_against_plain(lambda images: rescaled, plain, None) is plain
+    assert checked_against_plain(lambda images: expected + 1e-4, plain, None) is not plain
+
+
 def test_graph_rows_follow_the_loader_and_never_exceed_the_dataset():
     images = torch.utils.data.TensorDataset(torch.zeros(10, 3, 4, 4))
     assert graph_rows(torch.utils.data.DataLoader(images, batch_size=4), 4) == 4

@@ -8,7 +8,7 @@ import time
 
 import main
 from conftest import REPO_ROOT
-from trainer import load_checkpoint
+from checkpoint import load_checkpoint
 
 
 def overrides(tmp_path, epochs):

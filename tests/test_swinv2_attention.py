@@ -295,3 +295,135 @@ def test_masks_cached_under_inference_mode_still_serve_a_training_step():
         assert cache_shift_masks(model) > 0
     model(pixel_values=torch.randn(2, 3, 64, 64)).pooler_output.square().mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# --- the version-fragile coupling to transformers, fenced in swinv2_attention ---
+
+
+def test_transformers_swinv2_still_lacks_native_sdpa():
+    from transformers.models.swinv2.modeling_swinv2 import Swinv2PreTrainedModel
+
+    assert not getattr(Swinv2PreTrainedModel, "_supports_sdpa", False), (
+        "transformers' Swinv2 now supports SDPA natively: retire swinv2_attention's rewrite")
+
+
+def test_the_subclasses_keep_the_signatures_of_the_methods_they_override():
+    """A transformers release that changes these signatures must fail here, not in the middle of a run."""
+    import inspect
+
+    from transformers.models.swinv2.modeling_swinv2 import Swinv2SelfAttention
+
+    assert (list(inspect.signature(SdpaSwinv2SelfAttention.forward).parameters)
+            == list(inspect.signature(Swinv2SelfAttention.forward).parameters))
+    transformers_parameters = list(inspect.signature(Swinv2Layer.get_attn_mask).parameters)  # `device` since 5.18
+    overridden = list(inspect.signature(CachedMaskSwinv2Layer.get_attn_mask).parameters)
+    assert overridden[:len(transformers_parameters)] == transformers_parameters
+
+
+def test_the_attention_attributes_the_sdpa_module_reads_exist():
+    from swinv2_attention import SELF_ATTENTION_ATTRIBUTES
+
+    _, sdpa = eager_and_sdpa(*CONFIGS["shifted"])
+    module = sdpa.encoder.layers[0].blocks[0].attention.self
+    assert [name for name in SELF_ATTENTION_ATTRIBUTES if not hasattr(module, name)] == []
+
+
+class OldNameOnly:
+    """transformers 5.17-5.18: only gradient_checkpointing_enable."""
+
+    def __init__(self):
+        self.called = []
+
+    def gradient_checkpointing_enable(self):
+        self.called.append("gradient_checkpointing_enable")
+
+
+class BothNames(OldNameOnly):
+    """transformers 5.24: activation_checkpointing_enable, the old name a deprecated alias."""
+
+    def activation_checkpointing_enable(self):
+        self.called.append("activation_checkpointing_enable")
+
+
+@pytest.mark.parametrize("backbone, expected", [(OldNameOnly, "gradient_checkpointing_enable"),
+                                                (BothNames, "activation_checkpointing_enable")])
+def test_activation_checkpointing_is_enabled_by_the_name_this_transformers_has(backbone, expected):
+    from swinv2_attention import enable_activation_checkpointing
+
+    backbone = backbone()
+    enable_activation_checkpointing(backbone)
+    assert backbone.called == [expected]
+
+
+def test_activation_checkpointing_on_a_real_backbone_without_a_deprecation_warning():
+    import warnings
+
+    from swinv2_attention import enable_activation_checkpointing
+
+    model = Swinv2Model(Swinv2Config(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                                     window_size=4))
+    assert not model.encoder.gradient_checkpointing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enable_activation_checkpointing(model)
+    assert model.encoder.gradient_checkpointing
+
+
+def test_mask_on_device_probe_reads_the_signature():
+    from swinv2_attention import attn_mask_takes_device
+
+    def old(self, height, width, dtype):
+        pass
+
+    def new(self, height, width, dtype, device=None):
+        pass
+
+    assert attn_mask_takes_device(new) and not attn_mask_takes_device(old)
+
+
+@pytest.mark.parametrize("takes_device", [False, True])
+def test_a_mask_cache_miss_calls_transformers_with_the_arguments_it_takes(monkeypatch, takes_device):
+    """A cached layer asked for another size falls back to transformers' get_attn_mask, old or new signature."""
+    import swinv2_attention
+
+    model = Swinv2Model(Swinv2Config(image_size=64, window_size=4, patch_size=4, embed_dim=32, depths=[2, 2, 2],
+                                     num_heads=[2, 4, 8]))
+    cache_shift_masks(model)
+    layer = next(m for m in model.modules() if isinstance(m, CachedMaskSwinv2Layer))
+    calls = []
+
+    def old(self, height, width, dtype):
+        calls.append((height, width))
+        return TRANSFORMERS_ATTN_MASK(self, height, width, dtype)
+
+    def new(self, height, width, dtype, device=None):
+        calls.append((height, width, device))
+        return TRANSFORMERS_ATTN_MASK(self, height, width, dtype)  # on the CPU either way
+
+    monkeypatch.setattr(Swinv2Layer, "get_attn_mask", new if takes_device else old)
+    monkeypatch.setattr(swinv2_attention, "MASK_BUILT_ON_DEVICE", takes_device)
+    height = layer.shift_mask_key[0] + layer.window_size  # not the cached size
+    mask = layer.get_attn_mask(height, height, torch.float32, device=torch.device("cpu"))
+    assert calls == [(height, height, torch.device("cpu")) if takes_device else (height, height)]
+    assert torch.equal(mask, TRANSFORMERS_ATTN_MASK(layer, height, height, torch.float32))
+    calls.clear()
+    layer.get_attn_mask(*layer.shift_mask_key[:2], torch.float32)  # the cached size: transformers not asked
+    assert calls == []
+
+
+def test_an_index_probe_that_cannot_build_transformers_module_keeps_the_plain_gather(monkeypatch):
+    """On the meta device the index layout is read from a small CPU module; a constructor that refuses
+    the stand-in config (another transformers) means the plain gather, with a warning."""
+    from transformers.models.swinv2.modeling_swinv2 import Swinv2SelfAttention
+
+    with torch.device("meta"):
+        model = Swinv2Model(Swinv2Config(image_size=64, patch_size=4, embed_dim=32, depths=[2], num_heads=[2],
+                                         window_size=4))
+
+    def refuse(self, *args, **kwargs):
+        raise TypeError("another constructor")
+
+    monkeypatch.setattr(Swinv2SelfAttention, "__init__", refuse)
+    with pytest.warns(UserWarning, match="plain gather"):
+        assert use_sdpa_attention(model) == 2
+    assert not any(m.separable_index for m in model.modules() if isinstance(m, SdpaSwinv2SelfAttention))

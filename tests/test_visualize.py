@@ -141,3 +141,41 @@ def test_validation_curve_writes_a_png_or_returns_none(tmp_path):
     assert plot_validation_curve(without_validation, tmp_path / "none.png") is None
     assert plot_validation_curve([], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_grid_captions_name_folder_classes(solid_images, tmp_path, monkeypatch):
+    from PIL import ImageDraw
+
+    paths, labels = solid_images
+    captions = []
+    original_text = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text",
+                        lambda self, xy, text, *args, **kwargs: captions.append(text) or original_text(
+                            self, xy, text, *args, **kwargs))
+    retrieval_grid([0], np.array([[1, 2]]), np.array([[0.9, 0.5]]), labels, paths, tmp_path / "grid.png",
+                   class_names=("red_kite", "blue_jay"))
+    assert captions[:2] == ["query", "red_kite"]
+    assert "#1 red_kite" in captions and "#2 blue_jay" in captions
+    captions.clear()
+    retrieval_grid([0], np.array([[1, 2]]), np.array([[0.9, 0.5]]), labels, paths, tmp_path / "grid.png")
+    assert "#2 class 1" in captions  # without names (SOP lists), the class id
+
+
+def test_validation_curve_legend_stays_off_the_lines(tmp_path, monkeypatch):
+    import visualize
+
+    figures = []
+    monkeypatch.setattr(visualize, "_write_png", lambda path, write: figures.append(path) or path)
+    original_save = visualize._save_figure
+    monkeypatch.setattr(visualize, "_save_figure", lambda figure, path: figures.append(figure) or original_save(figure, path))
+    history = [{"epoch": e, "train/epoch_loss": 0.5 - 0.02 * e, "val/recall@1": 0.1 + 0.05 * e, "val/map@r": 0.05 * e}
+               for e in range(1, 9)]
+    plot_validation_curve(history, tmp_path / "curve.png")
+    figure = figures[0]
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    legends = figure.legends + [axes.get_legend() for axes in figure.axes if axes.get_legend() is not None]
+    assert len(legends) == 1
+    legend_box = legends[0].get_window_extent(renderer)
+    for axes in figure.axes:
+        assert not legend_box.overlaps(axes.get_window_extent(renderer))

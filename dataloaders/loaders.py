@@ -1,0 +1,114 @@
+"""From the `data` section of a configuration to image lists and DataLoaders, for every mode alike."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from errors import UsageError
+
+from .datasets import ImageDataset, collate_skipping_bad_images, ignore_stop_signals
+from .image_lists import read_folder_tree, read_sop_list
+from .samplers import PKBatchSampler, RandomTripletBatchSampler
+from .splits import split_classes
+from .transforms import build_transforms, decode_size, eval_resize_size
+
+
+def worker_count(configured: int) -> int:
+    """data.num_workers: -1 = one loader process per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if configured == -1 else configured
+
+
+def has_test_split(data) -> bool:
+    """SOP-format lists always name a test list; a folder catalogue has one only with data.test_root."""
+    return data.format != "folder" or bool(data.test_root)
+
+
+def resolve_image_lists(data, seed: int, need_train: bool, need_test: bool, ignore_cache: bool = False):
+    """(train, validation, test) ImageLists from the configured format; None where not needed.
+
+    `data` is the configuration's data section; `seed` draws the demo dataset. With data.cache_dir set,
+    the lists point into the verified cache instead of data.root.
+    """
+    root = Path(data.root)
+    if data.format == "demo":
+        from .demo_data import ensure_demo_dataset
+
+        ensure_demo_dataset(root, data.demo_classes, data.demo_images_per_class, data.image_size, seed)
+    elif not root.is_dir():
+        raise UsageError(f"data.root '{root}' does not exist; point data.root at your {data.format} dataset "
+                         f"(see README: 'Getting SOP'), or run the demo: python main.py --mode demo")
+    train = validation = test = None
+    if need_train:
+        full = read_folder_tree(root) if data.format == "folder" else read_sop_list(root / data.train_list, root)
+        train_indices, val_indices = split_classes(full.labels, data.val_fraction, data.split_seed)
+        train, validation = full.subset(train_indices), full.subset(val_indices)
+    if need_test:
+        if data.format == "folder":
+            if not data.test_root:
+                raise UsageError("data.test_root is empty: the folder format needs a separate folder of test classes")
+            test = read_folder_tree(Path(data.test_root))
+        else:
+            test = read_sop_list(root / data.test_list, root)
+    if data.cache_dir and not ignore_cache:
+        from .cache import use_cache
+
+        train, validation, test = (None if image_list is None else use_cache(image_list, Path(data.cache_dir),
+                                                                            eval_resize_size(data.image_size))
+                                   for image_list in (train, validation, test))
+    return train, validation, test
+
+
+def evaluation_loader(image_list, data, batch_size: int, device: torch.device) -> torch.utils.data.DataLoader:
+    """Every image once, in list order, with the evaluation transforms."""
+    workers = worker_count(data.num_workers)
+    dataset = ImageDataset(image_list, build_transforms(data.image_size, train=False),
+                           decode_size(data.image_size, train=False), skip_bad_images=data.on_bad_image == "skip")
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                       worker_init_fn=ignore_stop_signals, collate_fn=collate_skipping_bad_images)
+
+
+def batch_shape_hint(data, num_images: int, usable_classes: int) -> str:
+    """What to set when the configured batch does not fit the training split: the largest values that do."""
+    if data.sampler != "pk":
+        return f"use data.triplets_per_batch <= {max(1, num_images // 3)}"
+    k = data.images_per_class
+    largest_p = min(usable_classes, num_images // k)
+    if largest_p >= 2:
+        return f"with data.images_per_class={k}, use data.classes_per_batch <= {largest_p}"
+    return (f"the split has {usable_classes} class(es) with 2 or more images: a P x K batch needs at least 2; "
+            f"use more training data, or a smaller data.val_fraction")
+
+
+def training_loader(image_list, data, seed: int, device: torch.device) -> torch.utils.data.DataLoader:
+    """Batches from the configured sampler (P x K classes by default), with the training transforms."""
+    import numpy as np
+
+    batch_images = (data.classes_per_batch * data.images_per_class if data.sampler == "pk"
+                    else 3 * data.triplets_per_batch)
+    _, class_sizes = np.unique(image_list.labels, return_counts=True)
+    usable_classes = int((class_sizes >= 2).sum())
+    if batch_images > len(image_list):
+        keys = ("data.classes_per_batch x data.images_per_class" if data.sampler == "pk"
+                else "3 x data.triplets_per_batch")
+        raise UsageError(f"{keys} = {batch_images} images per batch, more than the {len(image_list)} images of the "
+                         f"training split: {batch_shape_hint(data, len(image_list), usable_classes)}")
+    try:
+        if data.sampler == "pk":
+            batch_sampler = PKBatchSampler(image_list.labels, data.classes_per_batch, data.images_per_class, seed)
+        else:
+            batch_sampler = RandomTripletBatchSampler(image_list.labels, data.triplets_per_batch, seed)
+    except ValueError as error:  # e.g. P larger than the number of usable classes
+        raise UsageError(f"training split of {len(image_list)} images: {error}; "
+                         f"{batch_shape_hint(data, len(image_list), usable_classes)}") from None
+    workers = worker_count(data.num_workers)
+    dataset = ImageDataset(image_list, build_transforms(data.image_size, train=True, min_crop_scale=data.min_crop_scale),
+                           decode_size(data.image_size, train=True, min_crop_scale=data.min_crop_scale),
+                           skip_bad_images=data.on_bad_image == "skip")
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
+                                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                       prefetch_factor=4 if workers > 0 else None, generator=torch.Generator(),
+                                       worker_init_fn=ignore_stop_signals, collate_fn=collate_skipping_bad_images)

@@ -1,0 +1,44 @@
+"""Errors a person can act on: each ends the program with one line and an exit code.
+
+Exit codes: 0 success; 1 a data, model or training error (or a failed data check); 2 a usage or
+configuration error; 3 training stopped by SIGTERM/SIGINT after saving `last.pt` (resume with --resume).
+"""
+
+from __future__ import annotations
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 3
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: printed as one line, exit code 2."""
+
+
+class DataCheckFailed(Exception):
+    """The check before training found unreadable images (data.on_bad_image=error): one line, exit code 1."""
+
+
+def exit_code_and_message(error: BaseException) -> tuple[int, str] | None:
+    """(exit code, the one line to print) for an error the user can act on; None for a bug (show the traceback)."""
+    # Imported here: each module is heavy, and only a failing run needs them.
+    from checkpoint import CheckpointError
+    from config import ConfigError
+    from dataloaders import BadImageError, DataFormatError
+    from dataloaders.cache import CacheError
+    from evaluation import NothingToEvaluateError
+    from model import BackboneLoadError
+    from trainer import NonFiniteLossError, NoTrainingImagesError, TrainingInterrupted
+
+    if isinstance(error, (ConfigError, UsageError)):
+        return EXIT_USAGE, f"error: {error}"
+    if isinstance(error, TrainingInterrupted):
+        return EXIT_INTERRUPTED, f"interrupted: {error}"
+    if isinstance(error, BadImageError):  # raised in a loader worker: its message is the worker's traceback
+        return EXIT_ERROR, (f"error: unreadable image {error.one_line()}; run --mode check to list every bad image, "
+                            f"or set data.on_bad_image=skip to leave such images out")
+    known = (DataFormatError, DataCheckFailed, BackboneLoadError, NonFiniteLossError, CacheError,
+             NoTrainingImagesError, NothingToEvaluateError, CheckpointError)
+    if isinstance(error, known):
+        return EXIT_ERROR, f"error: {error}"
+    return None

@@ -1,0 +1,136 @@
+"""`--mode train`: data -> model -> objective -> Trainer, with per-epoch validation and atomic checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from errors import UsageError
+
+
+def validation_function(val_list, val_loader, recall_ks, config, device, skip_log):
+    """model -> validation metrics: the same embed -> kNN -> metrics as `--mode eval`, on the held-out classes."""
+    from evaluation import evaluate_embeddings, extract_embeddings, require_queries
+    from modes.evaluate import embedding_cuda_graph
+
+    def validate(trained_model) -> dict:
+        embedded = extract_embeddings(trained_model, val_loader, device, config.train.precision, "validate",
+                                      embedding_cuda_graph(config.eval.cuda_graph, config.train.compile))
+        skip_log.record("validation", val_list, embedded.skipped, "validation")
+        require_queries(embedded, "validation", len(val_list), skip_log.path)
+        return evaluate_embeddings(embedded.embeddings, embedded.labels, recall_ks, config.eval.backend,
+                                   str(device), config.eval.memory_gb)
+
+    return validate
+
+
+def run_train(config, resume: bool, overwrite: bool) -> dict:
+    """Train into output.dir, which this process holds exclusively until it returns."""
+    from run_folder import run_folder_lock
+
+    if resume and overwrite:
+        raise UsageError("--resume continues the run in output.dir and --overwrite starts it afresh: pass one of them")
+    with run_folder_lock(Path(config.output.dir), "train"):
+        return train_in_locked_folder(config, resume, overwrite)
+
+
+def train_in_locked_folder(config, resume: bool, overwrite: bool) -> dict:
+    from checkpoint import (refuse_changed_training_list, refuse_mismatched_checkpoint, remove_stale_temporaries,
+                            training_list_identity)
+    from config import save_config
+    from dataloaders import SkippedImageLog, stop_loader_workers
+    from dataloaders.loaders import evaluation_loader, resolve_image_lists, training_loader
+    from dataloaders.skipped_images import SKIPPED_IMAGES_FILE
+    from model import apply_speed_options, build_embedder
+    from modes.data import check_before_training
+    from objective import MetricLearningObjective
+    from optimization import build_optimizer, warmup_cosine_schedule
+    from run_folder import remove_previous_outputs
+    from runtime import configure_matmul_precision, seed_everything, select_device
+    from tracking import Tracker
+    from trainer import Trainer
+
+    run_dir = Path(config.output.dir)
+    last = run_dir / "last.pt"
+    remove_stale_temporaries(run_dir)  # left by a kill or a full disk; nobody else writes here now
+    if last.exists() and not (resume or overwrite):
+        raise UsageError(f"{run_dir} already holds a run (last.pt): add --resume to continue it, "
+                         f"--overwrite to start afresh, or set output.dir to a new folder")
+    if resume and not last.exists():
+        raise UsageError(f"--resume: no {last} to resume from")
+    # Checked before anything is written, so a refused resume leaves the run folder as it was.
+    resumed_from = refuse_mismatched_checkpoint(last, config) if resume else None
+    if not resume:  # a fresh run: nothing of an earlier one may pass for this one's
+        remove_previous_outputs(run_dir)
+
+    train_list, val_list, _ = resolve_image_lists(config.data, config.train.seed, need_train=True, need_test=False)
+    skip_log = SkippedImageLog(run_dir / SKIPPED_IMAGES_FILE)
+    lists = check_before_training(config.data, {"train": train_list, "validation": val_list}, run_dir, skip_log)
+    train_list, val_list = lists["train"], lists["validation"]
+    if resumed_from is not None:
+        refuse_changed_training_list(resumed_from, train_list, last)
+    device = select_device(config.train.device)
+    configure_matmul_precision(device, config.train.tf32)
+    # Loaders first: an impossible batch size is refused before a backbone is downloaded or built.
+    # (Building a DataLoader starts no worker and draws from no global RNG.)
+    train_loader = training_loader(train_list, config.data, config.train.seed, device)
+    val_loader = evaluation_loader(val_list, config.data, config.eval.batch_size, device) if len(val_list) >= 2 else None
+    seed_everything(config.train.seed)
+    model = build_embedder(config.model.backbone, config.data.image_size, config.model.embedding_dim).to(device)
+    apply_speed_options(model, config.model.attention, config.train.grad_checkpointing, config.train.compile)
+    print(f"train: {len(train_list)} images / {train_list.num_classes} classes; "
+          f"validation: {len(val_list)} images / {val_list.num_classes} classes; "
+          f"{len(train_loader)} batches per epoch; device {device}")
+
+    validate = None
+    if val_loader is not None:
+        # Validation picks best.pt by Recall@1; a k beyond a small validation split's gallery is left out.
+        val_recall_ks = [k for k in config.eval.recall_ks if k <= len(val_list) - 1] or [1]
+        validate = validation_function(val_list, val_loader, val_recall_ks, config, device, skip_log)
+    else:
+        print("no validation classes (data.val_fraction=0): best.pt will be the last epoch")
+
+    objective = MetricLearningObjective(config.train.loss, config.train.miner, config.train.margin,
+                                        config.train.contrastive_pos_margin, config.train.contrastive_neg_margin,
+                                        config.train.seed)
+    optimizer = build_optimizer(model, config.train.lr, config.train.head_lr_multiplier, config.train.weight_decay,
+                                device)
+    total_steps = config.train.epochs * len(train_loader)
+    scheduler = warmup_cosine_schedule(optimizer, total_steps, round(config.train.warmup_fraction * total_steps))
+
+    save_config(config, run_dir / "config.yaml")
+    # A resumed run continues its wandb run rather than starting another.
+    tracker = Tracker(run_dir, config.wandb.mode, config.wandb.project, config.wandb.entity, config.wandb.run_name,
+                      config.to_dict(), job_type="train",
+                      resume_id=(resumed_from or {}).get("wandb_run_id", ""))
+    checkpoint_extra = {
+        "config": config.to_dict(),
+        "backbone_config_json": model.backbone.config.to_json_string(),
+        "embedding_dim": config.model.embedding_dim,
+        "normalisation": {"mean": model.input_mean, "std": model.input_std},
+        "train_list": training_list_identity(train_list),
+        "wandb_run_id": tracker.run_id,
+    }
+    trainer = Trainer(model, objective, optimizer, scheduler, train_loader, validate, device, config.train.precision,
+                      config.train.grad_clip, config.train.epochs, config.train.patience, run_dir, tracker,
+                      config.train.seed, checkpoint_extra, skip_log=skip_log)
+    if resumed_from is not None:
+        trainer.resume(resumed_from, last)
+    try:
+        summary = trainer.fit()
+    finally:
+        tracker.finish()
+        stop_loader_workers(train_loader, val_loader)
+    from visualize import plot_validation_curve
+
+    curve = plot_validation_curve(trainer.history, run_dir / "validation_curve.png")
+    if curve is not None:
+        print(f"picture written to {curve}")
+    if validate is not None:
+        print(f"done: best validation recall@1 {100 * summary['best_val_recall@1']:.2f}%; checkpoints in {run_dir}")
+    else:
+        print(f"done: {summary['epochs_completed']} epochs, no validation split (best.pt is the last epoch); "
+              f"checkpoints in {run_dir}")
+    if skip_log.count():
+        print(f"warning: {skip_log.count()} unreadable image(s) were skipped {skip_log.counts_by_reason()}, "
+              f"listed in {skip_log.path}")
+    return summary

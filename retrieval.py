@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 from contextlib import contextmanager
 from time import perf_counter
 
@@ -29,11 +30,11 @@ FAISS_CANDIDATE_BYTES = CANDIDATE_BYTES + 36
 # sort's values and indices (12) and the sort's scratch space (about 16).
 TIE_FIX_BYTES_PER_ITEM = 32
 
-# backend="auto" on the CPU: which backend is faster depends on the CPU (its BLAS, its vector units), so a
-# search of at least this many multiply-adds (N * N * D) times both on the same first queries and keeps the
-# faster; below it (a few seconds of search), torch runs untimed.
-TIMED_CHOICE_MIN_WORK = 1e10
-TIMED_CHOICE_ROWS = 512  # at most this many queries are searched twice, once by each backend
+# backend="auto" on the CPU: which backend is faster depends on the CPU (its BLAS, its vector units) and on
+# what else runs on it, so a search of at least this many multiply-adds (N * N * D) times both on the same
+# first queries and searches the rest with the faster; below it (several seconds of search), torch runs untimed.
+TIMED_CHOICE_MIN_WORK = 2e11
+TIMED_CHOICE_ROWS = 2048  # queries searched by both backends, at most (and at most an eighth of all)
 
 # Every fp32 precision switch of torch >= 2.9 as (backend, op), parents first: setting a parent rewrites those
 # of its children that are "none", so a restore goes top down.
@@ -62,10 +63,10 @@ def nearest_neighbours(
             selects at most 2048 candidates, so a search needing k + 2 > 2048 runs on the torch backend), or
             "auto": with `device` cuda, faiss on the GPU when faiss has GPUs, else torch. On the CPU, whichever
             backend is faster on this CPU (it differs between CPUs): a search of N * N * D >=
-            `TIMED_CHOICE_MIN_WORK` multiply-adds searches its first min(block size, `TIMED_CHOICE_ROWS`)
-            queries with both backends, timed, keeps the faster one's rows and searches the rest with it; a
-            smaller search, or one without faiss installed, runs on torch untimed. The choice, its reason
-            and, when timed, both times are logged (logger "retrieval", INFO).
+            `TIMED_CHOICE_MIN_WORK` multiply-adds searches its first queries (at most `TIMED_CHOICE_ROWS`,
+            N / 8 and a block) with both backends, timed, and searches the rest with the one these times
+            predict faster, keeping its rows; a smaller search, or one without faiss installed, runs on torch
+            untimed. The choice, its reason and, when timed, the times are logged (logger "retrieval", INFO).
         device: where the torch backend (and faiss, if it can) computes.
         block_size: queries per block; overrides the size derived from `memory_gb`.
         memory_gb: working-memory budget in GB (1e9 bytes), default 1.0 (`DEFAULT_MEMORY_GB`), on `device`
@@ -74,7 +75,7 @@ def nearest_neighbours(
             N = 60,502, k = 1001), and the rest for rows recomputed after a tie; faiss's blocks hold its
             candidate buffers, b = budget / (92 (k + 2)). At least one query per block. Not counted: the
             embeddings, the [N, k] result (12 bytes per entry, 0.73 GB at N = 60,502, k = 1001) and, when
-            auto times both backends, the slower one's rows for the timed queries (at most 512 x k entries).
+            auto times both backends, the slower one's rows for the timed queries (at most 2048 x k entries).
 
     Returns:
         scores: [N, min(k, N - 1)] float32, the inner products, on the CPU.
@@ -137,7 +138,7 @@ def nearest_neighbours(
         if backend == "auto":  # on the CPU, big enough to time both backends on the first queries
             backend, start, num_recomputed = _search_first_queries_with_the_faster_backend(
                 embeddings, k, budget_bytes, block_size, scores, indices)
-            reason = f"auto: the faster on this CPU, timed on the first {start} queries"
+            reason = f"auto: the faster on this CPU, both run on the first {start} queries"
         block_rows, tie_rows = _block_rows(backend, num_items, k, budget_bytes, block_size)
         search = _searcher(backend, embeddings, k, tie_rows, device)
         log.info("exact kNN: backend=%s device=%s (%s) N=%d D=%d k=%d block_size=%d memory_gb=%g",
@@ -157,30 +158,53 @@ def _search_first_queries_with_the_faster_backend(embeddings: torch.Tensor, k: i
     """Search the same first queries with both CPU backends, timed; keep the faster one's rows (both follow the
     ordering contract) in scores and indices. -> (the faster backend, queries done, rows it recomputed).
 
-    As few queries as fit both backends' blocks, at most TIMED_CHOICE_ROWS: enough to time the steady state
-    of a block (a matmul and a top-k over the whole gallery per query), little enough for the slower backend's
-    extra cost to be a small part of a search this big. The choice and both times are logged.
+    The first queries fit both backends' blocks: at most TIMED_CHOICE_ROWS and an eighth of all queries, so
+    the slower backend's extra work stays a small part of a search this big. Each backend searches an eighth
+    of them untimed (a first call pays one-off costs: threads, buffers, kernel choice), then a quarter and the
+    rest in two timed calls. A call costs a fixed part plus a part per query, and faiss-cpu's fixed part (a
+    pass over the gallery in chunks, a parallel loop each) is large: timing one call of a few queries would
+    misjudge it. The two calls give both parts, so each backend's rest of the search is predicted at its own
+    block size (`_predicted_seconds`). The choice, the times and the predictions are logged.
     """
     num_items = len(embeddings)
     cpu = torch.device("cpu")
     sizes = {backend: _block_rows(backend, num_items, k, budget_bytes, block_size) for backend in ("torch", "faiss")}
-    rows = min(TIMED_CHOICE_ROWS, num_items, *(block_rows for block_rows, _ in sizes.values()))
+    rows = min(TIMED_CHOICE_ROWS, max(1, num_items // 8), *(block_rows for block_rows, _ in sizes.values()))
+    bounds = (0, rows // 8, rows // 8 + rows // 4, rows)  # untimed, then two timed calls
     # Made (faiss imported, the gallery laid out) before the clock starts.
     searches = {backend: _searcher(backend, embeddings, k, tie_rows, cpu) for backend, (_, tie_rows) in sizes.items()}
     outputs = {"torch": (scores[:rows], indices[:rows]),
                "faiss": (torch.empty(rows, k), torch.empty(rows, k, dtype=torch.int64))}
-    seconds, num_recomputed = {}, {}
+    timed, predicted, num_recomputed = {}, {}, {}
     for backend, search in searches.items():
-        started = perf_counter()
-        num_recomputed[backend] = search(0, rows, *outputs[backend])
-        seconds[backend] = perf_counter() - started
-    faster = min(seconds, key=seconds.get)  # a tie goes to torch, the first
+        backend_scores, backend_indices = outputs[backend]
+        calls, num_recomputed[backend] = [], 0
+        for start, end in zip(bounds, bounds[1:]):
+            started = perf_counter()
+            if end > start:
+                num_recomputed[backend] += search(start, end, backend_scores[start:end], backend_indices[start:end])
+            calls.append((end - start, perf_counter() - started))
+        timed[backend] = calls[1][1] + calls[2][1]
+        predicted[backend] = _predicted_seconds(calls[1], calls[2], num_items - rows, sizes[backend][0])
+    faster = min(predicted, key=predicted.get)  # a tie goes to torch, the first
     if faster == "faiss":
         scores[:rows], indices[:rows] = outputs["faiss"]
-    log.info("exact kNN: auto timed both CPU backends on the first %d queries: torch %.3f s, faiss %.3f s: "
-             "%s is faster", rows, seconds["torch"], seconds["faiss"], faster,
-             extra={"knn_seconds": dict(seconds, rows=rows)})
+    log.info("exact kNN: auto timed both CPU backends on queries %d..%d: torch %.3f s, faiss %.3f s; the other %d "
+             "queries predicted: torch %.1f s, faiss %.1f s: %s is faster", bounds[1], rows - 1, timed["torch"],
+             timed["faiss"], num_items - rows, predicted["torch"], predicted["faiss"], faster,
+             extra={"knn_seconds": dict(timed, rows=rows - bounds[1]), "knn_predicted_seconds": predicted})
     return faster, rows, num_recomputed[faster]
+
+
+def _predicted_seconds(first: tuple[int, float], second: tuple[int, float], queries: int, block_rows: int) -> float:
+    """Seconds to search `queries` queries in calls of `block_rows`, from two timed calls (queries, seconds):
+    seconds per call = fixed + per_query * queries, both parts fitted through the two calls and kept >= 0."""
+    (first_queries, first_seconds), (second_queries, second_seconds) = first, second
+    per_query = second_seconds / max(second_queries, 1)
+    if second_queries > first_queries:
+        per_query = max(0.0, (second_seconds - first_seconds) / (second_queries - first_queries))
+    fixed = max(0.0, second_seconds - per_query * second_queries)
+    return math.ceil(queries / block_rows) * fixed + queries * per_query
 
 
 def _resolve_backend(requested: str, device: torch.device, k: int,

@@ -10,7 +10,7 @@ Cases, each in a fresh process (so peak RSS is the case's own, from /usr/bin/tim
 from RUSAGE_CHILDREN in a one-command wrapper process), per dimension and device:
   * ours/<backend>: `evaluation.evaluate_embeddings` with the default recall ks (k = 1000 neighbours): seconds
     in search and in metrics, peak RSS, and torch.cuda.max_memory_allocated on a GPU. ours/auto shows the
-    backend auto chose (on the CPU, by timing both on the first queries: both times are kept in the JSON);
+    backend auto chose (on the CPU, by timing both on the first queries: the times are kept in the JSON);
   * pml: AccuracyCalculator(include=(precision_at_1, mean_average_precision_at_r, r_precision), k=1001)
     .get_accuracy on the same data (faiss IndexFlatL2 under the hood): the same 1002-wide search;
   * main.py (CPU only, main.py takes no device here): the whole `python main.py --mode eval --embeddings E.npy
@@ -85,7 +85,8 @@ def resident_bytes() -> int:
 
 
 class SearchChoice(logging.Handler):
-    """Keeps the backend the search ran on and, when auto timed both, their times (retrieval's log records)."""
+    """Keeps the backend the search ran on and, when auto timed both, their times and the predicted times of
+    the rest of the search (retrieval's log records)."""
 
     def __init__(self, result: dict):
         super().__init__(logging.INFO)
@@ -96,6 +97,7 @@ class SearchChoice(logging.Handler):
             self.result["knn_backend"] = record.knn_backend
         if hasattr(record, "knn_seconds"):
             self.result["knn_timed"] = record.knn_seconds
+            self.result["knn_predicted"] = record.knn_predicted_seconds
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -215,9 +217,10 @@ def run_case(case: str, device: str, files: dict, args: argparse.Namespace) -> d
         row.update(seconds_search=report["seconds_search"], seconds_metrics=report["seconds_metrics"],
                    metrics={key: report[key] for key in ("recall@1", "map@r", "r_precision")})
     chosen = f", searched with {row['knn_backend']}" if "knn_backend" in row else ""
-    timed = row.get("knn_timed")
+    timed, predicted = row.get("knn_timed"), row.get("knn_predicted")
     if timed:
-        chosen += f" (auto timed torch {timed['torch']:.2f} s, faiss {timed['faiss']:.2f} s on {timed['rows']} queries)"
+        chosen += (f" (auto timed torch {timed['torch']:.2f} s, faiss {timed['faiss']:.2f} s on {timed['rows']} "
+                   f"queries; predicted the rest at torch {predicted['torch']:.1f} s, faiss {predicted['faiss']:.1f} s)")
     print(f"  {case} on {device}: {row['seconds_process']:.1f} s, peak RSS {row['peak_rss_gb']:.2f} GB{chosen}",
           flush=True)
     return row

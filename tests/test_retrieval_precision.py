@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 
 import retrieval
 from evaluation import evaluate_embeddings
@@ -80,16 +80,19 @@ def enable_tf32():  # what main.py does for train.tf32=true on CUDA; these flags
 TF32_ON = (True, True, "high")
 
 
-class MatmulSpy(TorchDispatchMode):
-    """Records the precision flags in force at every matrix product torch dispatches; raises on the first one
-    with raise_on_matmul, as a search failing midway would."""
+MATRIX_PRODUCTS = {"matmul", "mm", "bmm", "addmm", "baddbmm", "linear", "einsum", "tensordot", "dot", "mv", "inner"}
+
+
+class MatmulSpy(TorchFunctionMode):
+    """Records the precision flags in force at every matrix product called on tensors (`@`, torch.mm, ...);
+    raises on the first one with raise_on_matmul, as a search failing midway would."""
 
     def __init__(self, raise_on_matmul: bool = False):
         super().__init__()
         self.flags_seen, self.raise_on_matmul = [], raise_on_matmul
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] in ("mm", "addmm", "bmm", "baddbmm", "matmul", "dot", "mv"):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in MATRIX_PRODUCTS:
             self.flags_seen.append(legacy_flags())
             if self.raise_on_matmul:
                 raise RuntimeError("matmul failed")
@@ -174,11 +177,11 @@ def test_ieee_fp32_forces_ieee_inside_and_restores_every_setting(state, fp32_set
 # backend="auto" on the CPU: both backends timed on the first queries, the faster one searches the rest
 
 
-def spy_on_backends(monkeypatch, seconds_per_call: dict[str, float] | None = None) -> list[tuple[str, int, int]]:
-    """Lists (backend, first query, end query) for each block searched. With seconds_per_call, a fake clock
-    (the search's perf_counter) advances by that much during each backend's block: no real timing."""
+def spy_on_backends(monkeypatch, seconds: dict[str, tuple[float, float]] | None = None) -> list[tuple[str, int, int]]:
+    """Lists (backend, first query, end query) for each block searched. With seconds = {backend: (per call,
+    per query)}, a fake clock (the search's perf_counter) advances by that much during each call: no real timing."""
     calls, clock = [], [0.0]
-    if seconds_per_call is not None:
+    if seconds is not None:
         monkeypatch.setattr(retrieval, "perf_counter", lambda: clock[0])
     for name in ("torch", "faiss"):
         make_searcher = getattr(retrieval, f"_{name}_searcher")
@@ -188,7 +191,8 @@ def spy_on_backends(monkeypatch, seconds_per_call: dict[str, float] | None = Non
 
             def spied_search(start, stop, *outputs):
                 calls.append((name, start, stop))
-                clock[0] += (seconds_per_call or {}).get(name, 0.0)
+                per_call, per_query = (seconds or {}).get(name, (0.0, 0.0))
+                clock[0] += per_call + per_query * (stop - start)
                 return search(start, stop, *outputs)
             return spied_search
         monkeypatch.setattr(retrieval, f"_{name}_searcher", spied_make_searcher)
@@ -206,29 +210,60 @@ def test_auto_with_timing_equals_torch_and_faiss(dataset, monkeypatch, caplog):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="retrieval"):
             auto_scores, auto_indices = nearest_neighbours(embeddings, k, backend="auto", block_size=7)
-        assert "timed both CPU backends on the first 7 queries" in caplog.text
-        expected_indices = brute_force_knn(embeddings.numpy(), k)[1]
-        np.testing.assert_array_equal(auto_indices.numpy(), expected_indices)
+        assert "timed both CPU backends on queries 0..6" in caplog.text  # 7 = min(block, N / 8), none untimed
+        np.testing.assert_array_equal(auto_indices.numpy(), brute_force_knn(embeddings.numpy(), k)[1])
         for backend in ("torch", "faiss"):
             scores, indices = nearest_neighbours(embeddings, k, backend=backend, block_size=7)
             assert torch.equal(indices, auto_indices)
-            torch.testing.assert_close(scores, auto_scores, rtol=0, atol=1e-6)  # last bit may differ (docstring)
+            if dataset == "exact_grid":  # every product exact in float32
+                assert torch.equal(scores, auto_scores)
+            else:  # the last bit may differ between the backends, and between a 1-query and a 7-query product
+                torch.testing.assert_close(scores, auto_scores, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("faster, slower", [("faiss", "torch"), ("torch", "faiss")])
-def test_auto_searches_the_rest_with_the_faster_backend(faster, slower, monkeypatch, caplog):
-    embeddings = exact_grid(50, seed=6)
+@pytest.mark.parametrize("faster", ["faiss", "torch"])
+def test_auto_searches_the_rest_with_the_faster_backend(faster, monkeypatch, caplog):
+    embeddings = exact_grid(200, seed=6)
     monkeypatch.setattr(retrieval, "TIMED_CHOICE_MIN_WORK", 0)
-    calls = spy_on_backends(monkeypatch, {faster: 1.0, slower: 4.0})
+    slower = {"faiss": "torch", "torch": "faiss"}[faster]
+    calls = spy_on_backends(monkeypatch, {faster: (0.0, 1.0), slower: (0.0, 3.0)})  # seconds per call, per query
     with caplog.at_level(logging.INFO, logger="retrieval"):
-        _, indices = nearest_neighbours(embeddings, 6, backend="auto", block_size=8)
+        _, indices = nearest_neighbours(embeddings, 6, backend="auto", block_size=24)
 
-    assert sorted(calls[:2]) == [("faiss", 0, 8), ("torch", 0, 8)]  # the same first block, both backends
-    assert calls[2:] == [(faster, start, min(start + 8, 50)) for start in range(8, 50, 8)]
+    # Both backends on the same first 24 queries (a block; N / 8 = 25): 3 untimed, then 6 and 15 timed.
+    first = [(0, 3), (3, 9), (9, 24)]
+    assert calls[:6] == [("torch", *queries) for queries in first] + [("faiss", *queries) for queries in first]
+    assert calls[6:] == [(faster, start, min(start + 24, 200)) for start in range(24, 200, 24)]
     np.testing.assert_array_equal(indices.numpy(), brute_force_knn(embeddings, 6)[1])
-    seconds = {faster: "1.000", slower: "4.000"}
-    assert (f"torch {seconds['torch']} s, faiss {seconds['faiss']} s: {faster} is faster" in caplog.text)
+    timed = {faster: "21.000", slower: "63.000"}  # 21 timed queries
+    predicted = {faster: "176.0", slower: "528.0"}  # the other 176 queries
+    assert (f"torch {timed['torch']} s, faiss {timed['faiss']} s; the other 176 queries predicted: "
+            f"torch {predicted['torch']} s, faiss {predicted['faiss']} s: {faster} is faster") in caplog.text
     assert f"backend={faster} " in caplog.text
+
+
+def test_auto_counts_the_cost_per_call_at_each_backends_block_size(monkeypatch, caplog):
+    """faiss slower per call of a few queries, faster over its bigger blocks: the prediction sees it."""
+    embeddings = exact_grid(400, seed=8)
+    monkeypatch.setattr(retrieval, "TIMED_CHOICE_MIN_WORK", 0)
+    monkeypatch.setattr(retrieval, "_block_rows", lambda backend, *_: (400, 400) if backend == "faiss" else (50, 50))
+    calls = spy_on_backends(monkeypatch, {"torch": (0.0, 1.0), "faiss": (20.0, 0.5)})
+    with caplog.at_level(logging.INFO, logger="retrieval"):
+        _, indices = nearest_neighbours(embeddings, 6, backend="auto")
+    # Timed on queries 6..49: torch 44 s, faiss 2 * 20 + 22 = 62 s. The other 350 queries: torch 350 s, faiss
+    # in one call 20 + 175 = 195 s.
+    assert ("torch 44.000 s, faiss 62.000 s; the other 350 queries predicted: torch 350.0 s, faiss 195.0 s"
+            in caplog.text)
+    assert calls[6:] == [("faiss", 50, 400)]
+    np.testing.assert_array_equal(indices.numpy(), brute_force_knn(embeddings, 6)[1])
+
+
+def test_predicted_seconds_fits_a_cost_per_call_and_per_query():
+    # 2 s per call + 1 ms per query, timed on calls of 500 and 1500 queries; 10,000 queries in calls of 4,000.
+    assert retrieval._predicted_seconds((500, 2.5), (1500, 3.5), 10_000, 4_000) == pytest.approx(3 * 2 + 10)
+    # Noise making the larger call look cheaper per call: no negative cost per query.
+    assert retrieval._predicted_seconds((500, 3.0), (1500, 2.0), 10_000, 4_000) == pytest.approx(3 * 2.0)
+    assert retrieval._predicted_seconds((0, 0.0), (10, 1.0), 100, 10) == pytest.approx(10.0)  # one call timed
 
 
 def test_auto_does_not_time_a_small_search(monkeypatch, caplog):

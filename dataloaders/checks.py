@@ -9,41 +9,45 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import ImageFile
 
-from .image_files import describe_image_error, load_rgb_image
+from .datasets import map_in_worker_processes
+from .image_files import MAX_IMAGE_BYTES, describe_image_error, load_rgb_image
 from .image_lists import ImageList
 
 MAX_LISTED_BAD_IMAGES = 50  # per split, in format_check_report
 
 
-def check_image(path: Path, decode: bool = True) -> tuple[str, str] | None:
+def check_image(path: Path, decode: bool = True, root: Path | None = None,
+                max_bytes: int = MAX_IMAGE_BYTES) -> tuple[str, str] | None:
     """Open (and with decode=True fully decode) one image file; None when it is fine, else (reason, detail).
 
-    The reasons are those of `image_files.describe_image_error`: missing, empty, not_an_image, too_large,
-    truncated, corrupt. decode=False reads only the header: it finds missing, empty, non-image and
-    too-large files in a fraction of the time, but not truncated or corrupt pixel data.
+    The reasons are those of `image_files.describe_image_error`: missing, not_a_file, outside_root (the
+    file's real location leaves `root`; None: no such check), empty, not_an_image, too_large (above
+    max_bytes, or too many pixels), truncated, corrupt. decode=False reads only the header: it finds every
+    problem but truncated or corrupt pixel data, in a fraction of the time.
 
     Corner case: `ImageFile.LOAD_TRUNCATED_IMAGES = True` would make PIL fill a cut-off image with grey
     instead of failing; `check_image_lists` refuses to run then rather than change PIL's global state.
     """
     try:
-        load_rgb_image(Path(path), decode=decode)
+        load_rgb_image(Path(path), decode=decode, root=root, max_bytes=max_bytes)
     except Exception as error:  # noqa: BLE001 - a damaged file can make any decoder raise; report it, do not crash
         return describe_image_error(Path(path), error)
     return None
 
 
-def _check_images(paths: list[str], decode: bool = True) -> list[tuple[str, str] | None]:
-    """`check_image` over a chunk of absolute paths; the unit of work sent to a pool process."""
-    return [check_image(Path(path), decode) for path in paths]
+def _check_images(job: tuple[list[tuple[str, str | None]], bool, int]) -> list[tuple[str, str] | None]:
+    """`check_image` over a chunk of (path, root or None) pairs; the unit of work sent to a pool process."""
+    chunk, decode, max_bytes = job
+    return [check_image(Path(path), decode, root, max_bytes) for path, root in chunk]
 
 
-def check_image_lists(image_lists: dict[str, ImageList], workers: int = 1, decode: bool = True) -> dict:
+def check_image_lists(image_lists: dict[str, ImageList], workers: int = 1, decode: bool = True,
+                      allow_outside_root: bool = False, max_image_bytes: int = MAX_IMAGE_BYTES) -> dict:
     """Decode every image of every named split and summarise classes; returns a JSON-serialisable report.
 
     Args:
@@ -52,6 +56,9 @@ def check_image_lists(image_lists: dict[str, ImageList], workers: int = 1, decod
         workers: processes decoding images; 1 runs in this process, more uses a process pool with
             chunks of paths.
         decode: False reads headers only (see `check_image`).
+        allow_outside_root: False reports files whose real location leaves their list's root (a symlink
+            out of it) as "outside_root", without opening them.
+        max_image_bytes: larger files, and anything but regular files, are reported without being read.
 
     Returns:
         {"ok": True iff no split has a bad image,
@@ -77,22 +84,25 @@ def check_image_lists(image_lists: dict[str, ImageList], workers: int = 1, decod
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
 
-    unique_paths = sorted({str(il.root / p) for il in image_lists.values() for p in il.paths})
-    if workers == 1 or len(unique_paths) < 2:
-        results = _check_images(unique_paths, decode)
+    def job_of(image_list: ImageList, relative_path: str) -> tuple[str, str | None]:
+        return str(image_list.root / relative_path), None if allow_outside_root else str(image_list.root)
+
+    # An image listed in several splits is read once (per root it must stay inside).
+    unique = sorted({job_of(il, p) for il in image_lists.values() for p in il.paths})
+    if workers == 1 or len(unique) < 2:
+        results = _check_images((unique, decode, max_image_bytes))
     else:
         # A few chunks per worker: big enough to amortise inter-process traffic, small enough to balance.
-        chunk_size = max(1, math.ceil(len(unique_paths) / (4 * workers)))
-        chunks = [unique_paths[i : i + chunk_size] for i in range(0, len(unique_paths), chunk_size)]
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = [result for chunk in pool.map(_check_images, chunks, [decode] * len(chunks)) for result in chunk]
-    problem_by_path = dict(zip(unique_paths, results))
+        chunk_size = max(1, math.ceil(len(unique) / (4 * workers)))
+        jobs = [(unique[i : i + chunk_size], decode, max_image_bytes) for i in range(0, len(unique), chunk_size)]
+        results = [result for chunk in map_in_worker_processes(_check_images, jobs, workers) for result in chunk]
+    problem_by_path = dict(zip(unique, results))
 
     splits, report_warnings = {}, []
     for name, image_list in image_lists.items():
         bad_images = []
         for relative_path in sorted(set(image_list.paths)):
-            problem = problem_by_path[str(image_list.root / relative_path)]
+            problem = problem_by_path[job_of(image_list, relative_path)]
             if problem is not None:
                 bad_images.append({"path": relative_path, "reason": problem[0], "detail": problem[1]})
         class_ids, class_sizes = np.unique(image_list.labels, return_counts=True)

@@ -1,13 +1,14 @@
-"""A map-style dataset of image files with integer labels."""
+"""A map-style dataset of image files with integer labels, and the handling of the processes that read them."""
 
 import signal
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from .image_files import BadImageError, bad_image_message, describe_image_error, load_rgb_tensor
+from .image_files import MAX_IMAGE_BYTES, BadImageError, bad_image_message, describe_image_error, load_rgb_tensor
 from .image_lists import ImageList
 
 
@@ -33,14 +34,20 @@ class ImageDataset(Dataset):
     skip_bad_images: an image that cannot be read (missing, empty, truncated, too large...) raises
     `BadImageError` naming the file (False), or comes back as a `SkippedImage(reason, detail)` in place
     of the image (True), which `collate_skipping_bad_images` drops from the batch and reports.
+    allow_outside_root, max_image_bytes: a file whose real location leaves the list's root (unless allowed),
+    a FIFO or device, or a file above max_image_bytes is a bad image too, refused before it is read
+    (`image_files.open_image_file`).
     """
 
     def __init__(self, image_list: ImageList, transform: Callable, decode_size: int | None = None,
-                 skip_bad_images: bool = False) -> None:
+                 skip_bad_images: bool = False, allow_outside_root: bool = False,
+                 max_image_bytes: int = MAX_IMAGE_BYTES) -> None:
         self.image_list = image_list
         self.transform = transform
         self.decode_size = decode_size
         self.skip_bad_images = skip_bad_images
+        self.confine_to = None if allow_outside_root else image_list.root
+        self.max_image_bytes = max_image_bytes
 
     def __len__(self) -> int:
         return len(self.image_list)
@@ -49,7 +56,7 @@ class ImageDataset(Dataset):
         path = self.image_list.root / self.image_list.paths[index]
         label = int(self.image_list.labels[index])
         try:
-            image = load_rgb_tensor(path, self.decode_size)
+            image = load_rgb_tensor(path, self.decode_size, root=self.confine_to, max_bytes=self.max_image_bytes)
         except Exception as error:  # noqa: BLE001 - any decoder error means this file is bad; name it
             reason, detail = describe_image_error(path, error)
             if not self.skip_bad_images:
@@ -85,7 +92,7 @@ def stack_pictures(pictures: list[torch.Tensor]) -> torch.Tensor:
     return default_collate([picture.permute(1, 2, 0) for picture in pictures]).permute(0, 3, 1, 2)
 
 
-def ignore_stop_signals(worker_id: int) -> None:
+def ignore_stop_signals(worker_id: int = 0) -> None:
     """DataLoader worker_init_fn: workers ignore SIGTERM/SIGINT, which SLURM and Ctrl-C also send to them.
 
     The main process receives them too and stops at the next step boundary, saving a checkpoint; a
@@ -109,3 +116,27 @@ def stop_loader_workers(*loaders) -> None:
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
             loader._iterator = None
+
+
+def map_in_worker_processes(function: Callable, items: list, workers: int, chunksize: int = 1) -> list:
+    """`[function(item) for item in items]`, computed by `workers` processes (sent `chunksize` items at a
+    time); no process outlives the call.
+
+    The workers ignore SIGTERM/SIGINT (`ignore_stop_signals`): this process decides. When anything stops it
+    here (an exception, a stop signal's handler raising), the work not started is cancelled and the workers
+    are killed before the exception goes on, rather than left running their chunks, or orphaned at exit.
+    """
+    pool = ProcessPoolExecutor(workers, initializer=ignore_stop_signals)
+    try:
+        return list(pool.map(function, items, chunksize=chunksize))
+    except BaseException:
+        # `_processes` is private, but the only handle on the workers before Python 3.14's kill_workers().
+        processes = list((pool._processes or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.kill()  # SIGKILL: they ignore SIGTERM
+        for process in processes:
+            process.join()
+        raise
+    finally:
+        pool.shutdown(wait=True)

@@ -1,21 +1,28 @@
 """Opening one image file: as an upright 8-bit RGB picture, or with a precise reason why not.
 
 Every path that decodes images (training and evaluation items, the data check, the cache builder) goes
-through `load_rgb_image`, so a file is read the same way everywhere, and `describe_image_error` names the
-failure the same way everywhere.
+through `load_rgb_image` or `load_rgb_tensor`, and so through `open_image_file`: a file is read the same way
+everywhere, only once it is known to be a regular file of sensible size inside its dataset root, and
+`describe_image_error` names the failure the same way everywhere.
 """
 
 from __future__ import annotations
 
 import errno
-import io
+import functools
+import os
+import stat
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.v2.functional import pil_to_tensor
+
+from .image_lists import is_inside
 
 try:  # torchvision 0.29 (pinned) deprecates its image decoders in favour of TorchCodec; PIL covers their loss
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -26,7 +33,17 @@ except ImportError:  # pragma: no cover - a future torchvision
 MISSING, EMPTY, NOT_AN_IMAGE, TRUNCATED, CORRUPT, TOO_LARGE = (
     "missing", "empty", "not_an_image", "truncated", "corrupt", "too_large",
 )
+NOT_A_FILE, OUTSIDE_ROOT = "not_a_file", "outside_root"
+MAX_IMAGE_BYTES = 100_000_000  # the default of data.max_image_bytes: far above any photo, far below the RAM
 ALPHA_BACKGROUND = (255, 255, 255)  # what a viewer shows behind transparent pixels on a white page
+
+
+class RefusedImageFile(Exception):
+    """A file that `open_image_file` would not open, for `reason` (one of the reasons above) and `detail`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason} ({detail})")
+        self.reason, self.detail = reason, detail
 
 
 class BadImageError(OSError):
@@ -42,7 +59,54 @@ class BadImageError(OSError):
         return last.split(marker, 1)[1] if marker in last else last
 
 
-def load_rgb_image(path: Path, draft_size: int | None = None, decode: bool = True) -> Image.Image:
+@functools.lru_cache(maxsize=64)
+def _real_root(root: str) -> str:
+    return os.path.realpath(root)
+
+
+def _refuse_unless_regular(status: os.stat_result, max_bytes: int) -> None:
+    if not stat.S_ISREG(status.st_mode):  # a FIFO would block the reader, /dev/zero never ends
+        kind = ("directory" if stat.S_ISDIR(status.st_mode) else "FIFO" if stat.S_ISFIFO(status.st_mode)
+                else "device" if stat.S_ISCHR(status.st_mode) or stat.S_ISBLK(status.st_mode) else "socket or other")
+        raise RefusedImageFile(NOT_A_FILE, f"a {kind}, not a regular file")
+    if status.st_size == 0:
+        raise RefusedImageFile(EMPTY, "0 bytes")
+    if status.st_size > max_bytes:
+        raise RefusedImageFile(TOO_LARGE, f"{status.st_size} bytes, above the limit of {max_bytes} "
+                                          f"(data.max_image_bytes)")
+
+
+@contextmanager
+def open_image_file(path: Path, root: Path | None = None, max_bytes: int = MAX_IMAGE_BYTES) -> Iterator:
+    """`path` opened for binary reading, once the checks that need no read have passed.
+
+    Raises RefusedImageFile, before anything is read, for a file that is not a regular file ("not_a_file":
+    FIFOs, devices, directories, which are never opened, so a FIFO cannot block), an empty one ("empty"),
+    one above `max_bytes` ("too_large"), or, when `root` is given, one whose real location (symlinks
+    followed) is outside `root` ("outside_root"). A missing file raises FileNotFoundError.
+
+    Resolving the symlinks costs a few system calls per image, nothing beside decoding it; the file is
+    checked again once open, so a file swapped for a FIFO in between is refused too.
+    """
+    path = os.fspath(path)
+    if root is not None:
+        real_path, real_root = os.path.realpath(path), _real_root(os.fspath(root))
+        if not is_inside(real_path, real_root):
+            raise RefusedImageFile(OUTSIDE_ROOT, f"resolves to {real_path}, outside the image root {real_root}; "
+                                                 f"data.allow_outside_root=true allows it")
+        path = real_path  # what was checked is what is opened
+    _refuse_unless_regular(os.stat(path), max_bytes)
+    with open(path, "rb", opener=_open_without_blocking) as stream:
+        _refuse_unless_regular(os.fstat(stream.fileno()), max_bytes)
+        yield stream
+
+
+def _open_without_blocking(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NONBLOCK)  # a FIFO slipped in after the stat would otherwise block
+
+
+def load_rgb_image(path: Path, draft_size: int | None = None, decode: bool = True, root: Path | None = None,
+                   max_bytes: int = MAX_IMAGE_BYTES) -> Image.Image:
     """The image at `path` as an upright RGB PIL image; raises on any problem (see `describe_image_error`).
 
     - EXIF orientation is applied, so a phone photo stored sideways comes out as a viewer shows it.
@@ -54,27 +118,32 @@ def load_rgb_image(path: Path, draft_size: int | None = None, decode: bool = Tru
       (much cheaper than decoding at full size and resizing down).
     - decode=False: only the header is read (format, size, pixel limit) and the file is returned
       undecoded; for quick checks.
+    - root, max_bytes: the file is refused before it is read when it leaves `root` (None: anywhere) or is
+      not a regular file of at most `max_bytes` (`open_image_file`).
     """
-    with _open_header(path) as image:
+    with open_image_file(path, root, max_bytes) as stream, _open_header(stream) as image:
         return _decode_upright_rgb(image, draft_size) if decode else image
 
 
-def load_rgb_tensor(path: Path, draft_size: int | None = None) -> torch.Tensor:
+def load_rgb_tensor(path: Path, draft_size: int | None = None, root: Path | None = None,
+                    max_bytes: int = MAX_IMAGE_BYTES) -> torch.Tensor:
     """The picture of `load_rgb_image`, as a uint8 tensor [3, H, W]: what the training and evaluation items use.
 
-    The file is read once. A JPEG that would be decoded at full size anyway (no draft reduction possible:
-    short side below 2 x draft_size) is decoded by torchvision's libjpeg-turbo decoder straight into a
-    tensor, EXIF rotation included: 1.3x faster per image than PIL's decode plus the PIL-to-tensor copy on
-    SOP-sized photos (2-core machine, bench/data_bench.py). PIL still reads the header first, so the
-    decompression-bomb limit holds, and if torchvision refuses a file, PIL decides (so a bad file gets PIL's
-    reason, as in the data check). Everything else (PNG, WebP, large JPEGs worth a draft decode, unusual
-    JPEG modes) is decoded by PIL from the same bytes.
+    The file is opened as `load_rgb_image` opens it (`root`, `max_bytes`) and its header is read first, so a
+    file that is no image is refused after a few KB. A JPEG that would be decoded at full size anyway (no
+    draft reduction possible: short side below 2 x draft_size) is then read whole and decoded by
+    torchvision's libjpeg-turbo decoder straight into a tensor, EXIF rotation included: 1.3x faster per image
+    than PIL's decode plus the PIL-to-tensor copy on SOP-sized photos (2-core machine, bench/data_bench.py).
+    The decompression-bomb limit holds (PIL read the header), and if torchvision refuses a file, PIL decides
+    (so a bad file gets PIL's reason, as in the data check). Everything else (PNG, WebP, large JPEGs worth a
+    draft decode, unusual JPEG modes) is decoded by PIL from the same open file.
     """
-    data = Path(path).read_bytes()
-    with _open_header(io.BytesIO(data)) as image:
+    with open_image_file(path, root, max_bytes) as stream, _open_header(stream) as image:
         full_size_jpeg = (image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK")
                           and not (draft_size and min(image.size) >= 2 * draft_size))
         if full_size_jpeg and decode_jpeg is not None:
+            stream.seek(0)
+            data = stream.read(max_bytes)  # bounded even if the file grew since it was checked
             try:
                 with warnings.catch_warnings():
                     # Its deprecation notice comes with every call, in every worker; the pinned version works.
@@ -142,23 +211,26 @@ def describe_image_error(path: Path, error: BaseException) -> tuple[str, str]:
     """(reason, detail) for a failure of `load_rgb_image(path)`; a system error (`is_system_error`) is
     raised again instead, since it says nothing about the file.
 
-    Reasons: "missing" (no such file, or not a regular file), "empty" (zero bytes), "not_an_image" (PIL
-    does not recognise the format), "too_large" (decompression-bomb limit), "truncated" (the data ends
-    early), "corrupt" (any other decoding error; the detail keeps the exception's type and message).
+    Reasons: "missing" (no such file), "not_a_file" (a FIFO, device or directory), "outside_root" (a symlink
+    out of the dataset root), "empty" (zero bytes), "not_an_image" (PIL does not recognise the format),
+    "too_large" (above max_bytes, or the decompression-bomb limit), "truncated" (the data ends early),
+    "corrupt" (any other decoding error; the detail keeps the exception's type and message).
     """
     if is_system_error(error):
         raise error
+    if isinstance(error, RefusedImageFile):
+        return error.reason, error.detail
     path = Path(path)
     try:
         size = path.stat().st_size
     except OSError as stat_error:
         return MISSING, f"{type(stat_error).__name__}: {stat_error.strerror or stat_error}"
     if not path.is_file():
-        return MISSING, "not a regular file"
+        return NOT_A_FILE, "not a regular file"
     if size == 0:
         return EMPTY, "0 bytes"
-    if isinstance(error, UnidentifiedImageError):
-        return NOT_AN_IMAGE, str(error)
+    if isinstance(error, UnidentifiedImageError):  # PIL's message names the stream object, not the file
+        return NOT_AN_IMAGE, "PIL recognises no image format in it"
     if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return TOO_LARGE, str(error)
     message = f"{type(error).__name__}: {error}"

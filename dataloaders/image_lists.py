@@ -2,10 +2,18 @@
 
 Nothing here opens an image: a list is only paths and integer labels, so a 120k-image dataset is
 read in well under a second and can be checked before any heavy work starts.
+
+Paths stay inside the root: a list line that leads out of it (`..`, an absolute path) and a folder-tree
+entry that is a symlink out of it are refused, unless `allow_outside_root`. Symlinks named by list lines
+are not resolved here (one `realpath` per line would cost seconds for SOP on a network drive): opening an
+image checks them (`image_files.open_image_file`). Names holding control or line-break characters are
+refused, so every output that writes one path per line stays paired with its rows.
 """
 
 from __future__ import annotations
 
+import os
+import posixpath
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +26,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 # ASCII digits only: int() would also accept "1_000", " 7" and non-ASCII digits.
 _INTEGER = re.compile(r"[+-]?[0-9]+")
+# C0 and C1 controls (newline, carriage return, escape...), Unicode line and paragraph separators, and the
+# lone surrogates that stand for undecodable bytes in a file name.
+_UNSAFE_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_UNSAFE_IN_LIST_LINE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")  # tabs separate columns
+OUTSIDE_ROOT_HINT = "set data.allow_outside_root=true if the list is meant to reach another folder"
 
 
 class DataFormatError(ValueError):
@@ -79,15 +92,19 @@ class ImageList:
         )
 
 
-def read_sop_list(list_path: Path, root: Path) -> ImageList:
+def read_sop_list(list_path: Path, root: Path, allow_outside_root: bool = False) -> ImageList:
     """Read a Stanford Online Products list (`Ebay_train.txt` / `Ebay_test.txt`).
 
     Format: a header line `image_id class_id super_class_id path`, then one line per image with the
     same four whitespace-separated columns; ids are integers >= 1, the path is relative to `root`.
+    UTF-8, with or without a byte-order mark; lines end with LF or CRLF.
 
     Corner cases:
         - blank lines at the end of the file are ignored; a blank line before data is an error;
         - a header-only file is an error (a split with no images is never what was meant);
+        - a path that leads outside `root` as written (absolute, or `..` reaching above it) is an error
+          unless `allow_outside_root`; symlinks are not resolved here (see the module docstring);
+        - a line holding a control or line-break character (other than tabs between columns) is an error;
         - images are not opened or checked for existence.
 
     Raises:
@@ -96,13 +113,17 @@ def read_sop_list(list_path: Path, root: Path) -> ImageList:
     """
     list_path = Path(list_path)
     try:
-        text = list_path.read_text(encoding="utf-8")
+        # newline="": a carriage return inside a line is kept, to be refused, not read as a line break;
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the header.
+        with open(list_path, encoding="utf-8-sig", newline="") as stream:
+            text = stream.read()
     except FileNotFoundError:
         raise DataFormatError(f"{list_path}: list file not found") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
         raise DataFormatError(f"{list_path}: cannot read list file: {error}") from None
 
-    lines = text.splitlines()
+    # Split on LF only, so line numbers are an editor's even when a line holds another line break.
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
@@ -119,6 +140,9 @@ def read_sop_list(list_path: Path, root: Path) -> ImageList:
         def fail(what: str) -> DataFormatError:
             return DataFormatError(f"{list_path}:{line_number}: {what}: {line!r}")
 
+        unsafe = _UNSAFE_IN_LIST_LINE.search(line)
+        if unsafe:
+            raise fail(f"control or line-break character {unsafe.group()!r} (not allowed in file names)")
         if len(fields) != len(SOP_HEADER):
             raise fail(f"expected {len(SOP_HEADER)} columns, found {len(fields)}")
         ids = []
@@ -128,6 +152,8 @@ def read_sop_list(list_path: Path, root: Path) -> ImageList:
             if int(token) < 1:
                 raise fail(f"{column} must be >= 1 (ids are 1-based), got {int(token)}")
             ids.append(int(token))
+        if not allow_outside_root and _leaves_root_as_written(fields[3]):
+            raise fail(f"path leads outside the image root {root} ({OUTSIDE_ROOT_HINT})")
         labels.append(ids[1])
         super_labels.append(ids[2])
         paths.append(fields[3])
@@ -172,7 +198,8 @@ def write_sop_list(
     list_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def read_folder_tree(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> ImageList:
+def read_folder_tree(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                     allow_outside_root: bool = False) -> ImageList:
     """Read `root/<class_name>/<image>` into an ImageList.
 
     Class ids are 0..C-1 in sorted class-folder-name order, and `class_names[id]` is the folder name.
@@ -181,24 +208,48 @@ def read_folder_tree(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -
     directly in `root`, and hidden entries (".name") are ignored. Folders holding no image are not
     classes, so every id in 0..C-1 has at least one image. super_labels are zeros.
 
+    Corner cases: a class folder or image that is a symlink is followed when its target stays inside
+    `root` (only symlinks are resolved: one `realpath` each), and refused when it leaves `root`, unless
+    `allow_outside_root`. A class or image name holding a control or line-break character is refused.
+
     Raises:
-        DataFormatError: root is not a directory, or no class folder holds an image.
+        DataFormatError: root is not a directory, no class folder holds an image, an entry leaves the
+            root, or a name holds a control character; the message names the entry.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataFormatError(f"{root}: image folder not found (expected root/<class_name>/<image>)")
     suffixes = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
+    real_root = os.path.realpath(root)
+
+    def refuse_leaving_root(entry: os.DirEntry) -> None:
+        if not allow_outside_root and entry.is_symlink():
+            target = os.path.realpath(entry.path)
+            if not is_inside(target, real_root):
+                raise DataFormatError(f"{entry.path}: symlink to {target}, outside the image root {root} "
+                                      f"({OUTSIDE_ROOT_HINT})")
+
+    def refuse_control_characters(relative: str) -> None:
+        unsafe = _UNSAFE_CHARACTER.search(relative)
+        if unsafe:
+            raise DataFormatError(f"{root}: name holds the control or line-break character {unsafe.group()!r}, "
+                                  f"not allowed in file names: {relative!r}")
 
     class_names, paths, labels = [], [], []
-    for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        files = sorted(
-            f.name
-            for f in class_dir.iterdir()
-            if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in suffixes
-        )
+    with os.scandir(root) as entries:  # DirEntry's type tests need no stat call, except for symlinks
+        class_dirs = sorted((d for d in entries if not d.name.startswith(".") and d.is_dir()), key=lambda d: d.name)
+    for class_dir in class_dirs:
+        refuse_leaving_root(class_dir)  # before listing it: nothing outside the root is read
+        with os.scandir(class_dir.path) as entries:
+            files = sorted((f for f in entries if not f.name.startswith(".")
+                            and os.path.splitext(f.name)[1].lower() in suffixes and f.is_file()),
+                           key=lambda f: f.name)
         if not files:
             continue
-        paths += [f"{class_dir.name}/{name}" for name in files]
+        for file in files:
+            refuse_leaving_root(file)
+            refuse_control_characters(f"{class_dir.name}/{file.name}")
+        paths += [f"{class_dir.name}/{file.name}" for file in files]
         labels += [len(class_names)] * len(files)
         class_names.append(class_dir.name)
 
@@ -210,6 +261,17 @@ def read_folder_tree(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -
     return ImageList(
         root, tuple(paths), np.array(labels), np.zeros(len(paths), dtype=np.int64), tuple(class_names)
     )
+
+
+def is_inside(path: str, root: str) -> bool:
+    """Whether the absolute `path` is `root` or lies below it (both already resolved: no symlink is followed)."""
+    return os.path.commonpath([path, root]) == root
+
+
+def _leaves_root_as_written(relative: str) -> bool:
+    """An absolute path, or one whose `..` reach above the root, read as text (symlinks aside)."""
+    normal = posixpath.normpath(relative)
+    return posixpath.isabs(normal) or normal == ".." or normal.startswith("../")
 
 
 def _as_int64_vector(values, name: str) -> np.ndarray:

@@ -22,16 +22,17 @@ from errors import UsageError
 
 # What evaluation needs from a checkpoint; `best.pt` holds these and nothing else.
 MODEL_ONLY_KEYS = ("model", "weights_sha256", "config", "epoch", "metrics", "backbone_config_json", "embedding_dim",
-                   "normalisation", "wandb_run_id")
+                   "normalisation", "wandb_run_id", "init_from")
 
 # Keys whose change mid-run would break the run's promises (the epoch plan, the optimiser's state, the model):
 # --resume refuses them. Every other key takes effect on resume (see docs/troubleshooting.md).
 FIXED_ON_RESUME = (
     "model.backbone", "model.embedding_dim", "data.image_size", "data.format", "data.train_list",
     "data.val_fraction", "data.split_seed", "data.sampler", "data.classes_per_batch", "data.images_per_class",
-    "data.triplets_per_batch", "data.min_crop_scale", "train.seed", "train.loss", "train.miner", "train.margin",
-    "train.contrastive_pos_margin", "train.contrastive_neg_margin", "train.lr", "train.head_lr_multiplier",
-    "train.weight_decay", "train.warmup_fraction", "train.precision",
+    "data.triplets_per_batch", "data.min_crop_scale", "data.repeat_positives", "train.seed", "train.loss",
+    "train.miner", "train.loss_params", "train.miner_params", "train.margin", "train.contrastive_pos_margin",
+    "train.contrastive_neg_margin", "train.lr", "train.loss_lr", "train.head_lr_multiplier", "train.weight_decay",
+    "train.warmup_fraction", "train.precision",
 )
 
 

@@ -13,6 +13,7 @@ import difflib
 import math
 import reprlib
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -28,7 +29,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "split_seed": 0,
         "image_size": 256,
         "min_crop_scale": 0.16,  # training crops keep 16%-100% of the image area (RandomResizedCrop)
-        "sampler": "pk",  # pk (P classes x K images) | triplets (the reference's random triplets)
+        "sampler": "pk",  # pk (P classes x K images) | triplets (the reference's random triplets) | shuffle
+        "repeat_positives": "allow",  # allow | skip: pair an image with its own repeat in a P x K batch or not
         "classes_per_batch": 32,  # P
         "images_per_class": 4,  # K
         "triplets_per_batch": 16,  # sampler=triplets: a batch holds 3 x this many images
@@ -40,19 +42,24 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_image_bytes": 100_000_000,  # larger files (and non-regular ones) are refused before reading
         "demo_classes": 100,  # format=demo only: size of the generated dataset
         "demo_images_per_class": 12,
+        "replay_list": "",  # SOP-format list of earlier classes' images, partly mixed into training ("" = none)
+        "replay_fraction": 0.2,  # of each replayed class's images (at least 2 per class)
     },
     "model": {
         "backbone": "microsoft/swinv2-base-patch4-window16-256",  # hub id | local dir | tiny
         "embedding_dim": 512,  # 0 = no projection head: the backbone's pooled output (1024-d for Swinv2-B)
-        "attention": "sdpa",  # sdpa (scaled_dot_product_attention: same weights, 1.5-2x faster on H100) | eager
+        "attention": "sdpa",  # sdpa (scaled_dot_product_attention: same weights, 1.5-2x faster on H100) | flex | eager
     },
     "train": {
         "epochs": 15,
-        "loss": "triplet",  # triplet | contrastive
-        "miner": "batchhard",  # random | semihard | batchhard | all
+        "loss": "triplet",  # objective.LOSSES: triplet | contrastive | multi_similarity | proxy_anchor | ...
+        "miner": "batchhard",  # objective.MINERS: random | semihard | batchhard | all | multi_similarity | none
+        "loss_params": {},  # the loss's own parameters, e.g. {alpha: 2, beta: 50}; checked against its names
+        "miner_params": {},  # the miner's own parameters, e.g. {epsilon: 0.1}
         "margin": 0.1,  # triplet margin, on L2-normalised embeddings
         "contrastive_pos_margin": 0.0,
         "contrastive_neg_margin": 0.5,
+        "loss_lr": 0.0,  # learning rate of a loss's own parameters (proxies); 0 = train.lr x the authors' ratio
         "lr": 2.0e-5,  # backbone learning rate
         "head_lr_multiplier": 10.0,  # the projection head learns this many times faster
         "weight_decay": 0.05,
@@ -77,6 +84,16 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "device": "auto",  # default: train.device
         "compile": False,  # default: train.compile
     },
+    "index": {
+        "type": "flat",  # flat (exact) | hnsw | ivf_flat | ivf_pq
+        "hnsw_m": 32,  # hnsw: graph neighbours per vector
+        "hnsw_ef_construction": 100,
+        "hnsw_ef_search": 64,
+        "ivf_lists": 0,  # ivf_*: inverted lists; 0 = about 4 sqrt(N)
+        "pq_bytes": 64,  # ivf_pq: bytes per vector (must divide the embedding size)
+        "nprobe": 16,  # ivf_*: lists scanned per query
+        "chunk_images": 10000,  # --mode index embeds and saves this many images at a time (resumable)
+    },
     "output": {
         "dir": "",  # "" = models_ckpt/<config file name>, or models_ckpt/<data.root's name> without a config file
     },
@@ -90,16 +107,19 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("sop", "folder", "demo"),
-    "data.sampler": ("pk", "triplets"),
+    "data.sampler": ("pk", "triplets", "shuffle"),
+    "data.repeat_positives": ("allow", "skip"),
     "data.on_bad_image": ("error", "skip"),
     "data.startup_check": ("full", "headers", "none"),
-    "train.loss": ("triplet", "contrastive"),
-    "train.miner": ("random", "semihard", "batchhard", "all"),
+    "train.loss": ("triplet", "contrastive", "multi_similarity", "circle", "supcon", "proxy_anchor",
+                   "normalized_softmax", "arcface", "subcenter_arcface"),
+    "train.miner": ("random", "semihard", "batchhard", "all", "multi_similarity", "none"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "eval.precision": ("fp32", "bf16", "fp16"),
-    "model.attention": ("eager", "sdpa"),
+    "model.attention": ("eager", "sdpa", "flex"),
     "eval.backend": ("auto", "faiss", "torch"),
     "wandb.mode": ("disabled", "offline", "online"),
+    "index.type": ("flat", "hnsw", "ivf_flat", "ivf_pq"),
 }
 
 
@@ -124,9 +144,11 @@ class Config:
     data (say, a k too large for a small split), a value the user asked for may not.
     """
 
-    def __init__(self, values: dict[str, Any], explicit_keys: frozenset[str] = frozenset()):
+    def __init__(self, values: dict[str, Any], explicit_keys: frozenset[str] = frozenset(), _is_section: bool = False):
         for key, value in values.items():
-            object.__setattr__(self, key, Config(value) if isinstance(value, dict) else value)
+            if isinstance(value, dict):  # a section, or within one a mapping key (train.loss_params): read-only
+                value = MappingProxyType(copy.deepcopy(value)) if _is_section else Config(value, _is_section=True)
+            object.__setattr__(self, key, value)
         object.__setattr__(self, "_explicit_keys", frozenset(explicit_keys))
 
     def __setattr__(self, key, value):
@@ -134,7 +156,8 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            key: value.to_dict() if isinstance(value, Config) else copy.deepcopy(value)
+            key: value.to_dict() if isinstance(value, Config) else dict(value) if isinstance(value, MappingProxyType)
+            else copy.deepcopy(value)
             for key, value in vars(self).items() if not key.startswith("_")
         }
 
@@ -142,13 +165,15 @@ class Config:
         """Whether `section.name` was set by a config file or an override (not left at its default)."""
         return key in self._explicit_keys
 
-    def updated(self, values: dict[str, Any]) -> "Config":
-        """A copy with some dotted keys replaced (values already of the right type), validated again."""
+    def updated(self, values: dict[str, Any], explicit: bool = False) -> "Config":
+        """A copy with some dotted keys replaced (values already of the right type), validated again.
+
+        explicit: the new values count as the user's own (`is_explicit`), as a search's chosen values do.
+        """
         resolved = self.to_dict()
-        for key, value in values.items():
-            _set(resolved, key, value)
+        set_keys = {_set(resolved, key, value) for key, value in values.items()}
         _validate(resolved)
-        return Config(resolved, self._explicit_keys)
+        return Config(resolved, self._explicit_keys | set_keys if explicit else self._explicit_keys)
 
     def __repr__(self) -> str:
         return f"Config({self.to_dict()!r})"
@@ -156,6 +181,7 @@ class Config:
 
 def _type_name(value: Any) -> str:
     return {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string",
+            dict: "a mapping of names to numbers, bools or strings (e.g. {alpha: 2})",
             list: f"a list of {_type_name(value[0]).split(' ', 1)[1]}s" if isinstance(value, list) and value
             else "a list"}.get(type(value), type(value).__name__)
 
@@ -184,6 +210,9 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     elif isinstance(default, list):
         if isinstance(value, list) and all(isinstance(v, type(default[0])) for v in value):
             return value
+    elif isinstance(default, dict):
+        if isinstance(value, dict):
+            return {name: _mapping_entry(f"{key}.{name}", entry) for name, entry in value.items()}
     raise ConfigError(f"config key '{key}' expects {_type_name(default)}, got {_bounded_repr(value)}")
 
 
@@ -201,11 +230,35 @@ def _unknown_key_error(key: str) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}; every key is listed in docs/configuration.md")
 
 
-def _set(values: dict, key: str, raw_value: Any) -> None:
+def _mapping_entry(key: str, value: Any) -> Any:
+    """One entry of a mapping key (`train.loss_params.alpha`): a name and a number, bool or string.
+
+    Which names a mapping accepts is checked where they are used (objective.check_objective_params).
+    """
+    name = key.split(".", 2)[2]
+    if not (isinstance(name, str) and name.isidentifier()):
+        raise ConfigError(f"config key '{key}': '{name}' is not a parameter name")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be a finite number; got {value!r}")
+    if not isinstance(value, (bool, int, float, str)):
+        raise ConfigError(f"config key '{key}' expects a number, a bool or a string, got {_bounded_repr(value)}")
+    return value
+
+
+def _set(values: dict, key: str, raw_value: Any) -> str:
+    """Set one dotted key (type-checked); returns the key that was set (`section.name`).
+
+    `section.name.entry` sets one entry of a mapping key (`train.loss_params.alpha=2`), keeping the others.
+    """
     section, _, name = key.partition(".")
+    mapping, _, entry = name.partition(".")
+    if entry and section in DEFAULTS and isinstance(DEFAULTS[section].get(mapping), dict):
+        values[section][mapping] = {**values[section][mapping], entry: _mapping_entry(key, raw_value)}
+        return f"{section}.{mapping}"
     if section not in DEFAULTS or name not in DEFAULTS[section]:
         raise _unknown_key_error(key)
     values[section][name] = _coerce(key, raw_value, DEFAULTS[section][name])
+    return key
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -235,6 +288,7 @@ def _validate(values: dict) -> None:
     checks = [
         ("train.epochs", values["train"]["epochs"] >= 1, "must be at least 1"),
         ("train.lr", values["train"]["lr"] > 0, "must be positive"),
+        ("train.loss_lr", values["train"]["loss_lr"] >= 0, "must be positive, or 0 for the loss's default"),
         ("train.head_lr_multiplier", values["train"]["head_lr_multiplier"] > 0, "must be positive"),
         ("train.margin", values["train"]["margin"] >= 0, "must be non-negative"),
         ("train.weight_decay", values["train"]["weight_decay"] >= 0, "must be non-negative"),
@@ -252,10 +306,18 @@ def _validate(values: dict) -> None:
         ("data.max_image_bytes", values["data"]["max_image_bytes"] >= 1, "must be at least 1"),
         ("data.demo_classes", values["data"]["demo_classes"] >= 4, "must be at least 4"),
         ("data.demo_images_per_class", values["data"]["demo_images_per_class"] >= 2, "must be at least 2"),
+        ("data.replay_fraction", 0 < values["data"]["replay_fraction"] <= 1, "must be in (0, 1]"),
         ("eval.batch_size", values["eval"]["batch_size"] >= 1, "must be at least 1"),
         ("eval.memory_gb", values["eval"]["memory_gb"] > 0, "must be positive"),
         ("eval.recall_ks", len(values["eval"]["recall_ks"]) > 0 and min(values["eval"]["recall_ks"]) >= 1, "must be a non-empty list of k >= 1"),
         ("eval.map_ks", all(k >= 1 for k in values["eval"]["map_ks"]), "must be a list of k >= 1"),
+        ("index.hnsw_m", values["index"]["hnsw_m"] >= 2, "must be at least 2"),
+        ("index.hnsw_ef_construction", values["index"]["hnsw_ef_construction"] >= 1, "must be at least 1"),
+        ("index.hnsw_ef_search", values["index"]["hnsw_ef_search"] >= 1, "must be at least 1"),
+        ("index.ivf_lists", values["index"]["ivf_lists"] >= 0, "must be >= 1, or 0 for about 4 sqrt(N)"),
+        ("index.pq_bytes", values["index"]["pq_bytes"] >= 1, "must be at least 1"),
+        ("index.nprobe", values["index"]["nprobe"] >= 1, "must be at least 1"),
+        ("index.chunk_images", values["index"]["chunk_images"] >= 1, "must be at least 1"),
     ]
     for key, ok, requirement in checks:
         if not ok:
@@ -308,8 +370,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), file_
                     explicit.add(f"{section}.{name}")
     for text in overrides:
         key, value = parse_override(text)
-        _set(values, key, value)
-        explicit.add(key)
+        explicit.add(_set(values, key, value))
     for key, source in INHERITED_KEYS.items():
         if key not in explicit:
             _set(values, key, _get(values, source))
@@ -358,8 +419,12 @@ KEY_DOCS: dict[str, str] = {
     "data.image_size": "input resolution in pixels (square)",
     "data.min_crop_scale": "training RandomResizedCrop keeps between this fraction and all of the image area",
     "data.sampler": "`pk`: P classes x K images per batch; `triplets`: the reference's random "
-                    "(anchor, positive, negative) triplets",
-    "data.classes_per_batch": "P: distinct classes per batch (`pk` sampler)",
+                    "(anchor, positive, negative) triplets; `shuffle`: plain shuffled batches of P x K images "
+                    "(for proxy losses, which need no pairs in the batch)",
+    "data.repeat_positives": "`pk` fills a class with fewer than K images with repeats (new augmentations of the "
+                             "same file); `skip` keeps such an image-and-its-repeat pair out of the positives "
+                             "the miner and a pair loss see, `allow` counts it (docs/training.md)",
+    "data.classes_per_batch": "P: distinct classes per batch (`pk` sampler; with `shuffle`, P x K is the batch size)",
     "data.images_per_class": "K: images per class in a batch (`pk` sampler)",
     "data.triplets_per_batch": "`triplets` sampler: a batch holds 3 x this many images",
     "data.num_workers": "loader processes; -1 = one per CPU core this process may use",
@@ -373,16 +438,35 @@ KEY_DOCS: dict[str, str] = {
     "data.max_image_bytes": "larger image files (and anything that is not a regular file) are refused before reading",
     "data.demo_classes": "`demo` format: number of classes of the generated dataset (half train, half test)",
     "data.demo_images_per_class": "`demo` format: images per generated class",
+    "data.replay_list": "fine-tuning on new classes: an SOP-format list (like `data.train_list`) of earlier classes' "
+                        "images, of which `data.replay_fraction` joins the training split to limit forgetting "
+                        "(docs/recipes.md); `\"\"` = none",
+    "data.replay_fraction": "fraction of each class's images in `data.replay_list` that joins training (at least 2 "
+                            "per class, drawn by `train.seed`)",
     "model.backbone": "Hugging Face hub id, local folder, or `tiny` (a 0.6 M-parameter random Swinv2 for tests "
                       "and the demo)",
     "model.embedding_dim": "width of the linear projection after the pooled output; 0 = no projection "
                            "(the backbone's pooled output, 1024-d for Swinv2-B)",
     "model.attention": "`sdpa`: transformers' Swinv2 attention rewritten with `scaled_dot_product_attention` "
-                       "(same weights, same results to float rounding, tested); `eager`: transformers' own",
+                       "(same weights, same results to float rounding, tested); `flex`: the same with "
+                       "`flex_attention`, one fused kernel computing the position bias and shift mask inside "
+                       "(compiled on CUDA; SDPA where it cannot serve, with a warning); "
+                       "`eager`: transformers' own",
     "train.epochs": "number of passes over the training images",
-    "train.loss": "`triplet` (margin loss over mined triplets) or `contrastive` (pairs from the mined triplets)",
-    "train.miner": "which triplets of a batch train: `all`, `semihard`, `batchhard` or `random` "
-                   "(docs/training.md); mines with `train.margin`, whatever the loss",
+    "train.loss": "the loss, from pytorch-metric-learning (objective.LOSSES; docs/training.md): tuple losses "
+                  "`triplet`, `contrastive`, `multi_similarity`, `circle`, `supcon`; proxy losses (one learned "
+                  "vector per training class) `proxy_anchor`, `normalized_softmax`, `arcface`, `subcenter_arcface`",
+    "train.miner": "which tuples of a batch train (docs/training.md): `batchhard`, `semihard` (with "
+                   "`train.margin`), `multi_similarity` (pairs), `random` (one random triplet per anchor), "
+                   "`all` or `none` (the whole batch); left unset, a proxy loss gets `none`",
+    "train.loss_params": "the loss's own parameters by name, e.g. `{alpha: 2, beta: 50}` in YAML or "
+                         "`train.loss_params.alpha=2`; unset ones keep PML's defaults; an unknown name stops the "
+                         "run before any data is read, listing the valid ones",
+    "train.miner_params": "the miner's own parameters by name (e.g. `train.miner_params.epsilon=0.1`), checked "
+                          "like `train.loss_params`",
+    "train.loss_lr": "learning rate of a proxy loss's own parameters (AdamW, no weight decay); 0 = `train.lr` "
+                     "times its authors' ratio: 100 for `proxy_anchor`, 50 for `arcface`/`subcenter_arcface`, 1 "
+                     "for `normalized_softmax`",
     "train.margin": "triplet margin on L2-normalised embeddings (distances lie in [0, 2]); also the semihard "
                     "miner's margin",
     "train.contrastive_pos_margin": "contrastive loss: positive pairs closer than this cost nothing",
@@ -416,6 +500,17 @@ KEY_DOCS: dict[str, str] = {
     "eval.precision": "`--mode eval`'s autocast precision when embedding (validation uses `train.precision`)",
     "eval.device": "`--mode eval`'s device: `auto`, `cpu`, `cuda` or `cuda:N`",
     "eval.compile": "`torch.compile` the backbone for `--mode eval`",
+    "index.type": "`--mode index`: `flat` (exact inner product, the default), `hnsw` (graph; fast and accurate, "
+                  "more memory, rebuilt on remove), `ivf_flat` or `ivf_pq` (inverted lists of full vectors or of "
+                  "`index.pq_bytes`-byte codes; trained on the catalogue, kept on add and remove)",
+    "index.hnsw_m": "hnsw: graph neighbours per vector (more: better recall, more memory)",
+    "index.hnsw_ef_construction": "hnsw: candidates kept while building the graph (more: better graph, slower build)",
+    "index.hnsw_ef_search": "hnsw: candidates kept per query (more: better recall, slower); a search may override it",
+    "index.ivf_lists": "ivf_*: inverted lists (k-means centroids); 0 = round(4 sqrt(N)) for N catalogue images",
+    "index.pq_bytes": "ivf_pq: bytes per vector (sub-quantisers of 8 bits); must divide the embedding size",
+    "index.nprobe": "ivf_*: lists scanned per query (more: better recall, slower); a search may override it",
+    "index.chunk_images": "`--mode index` embeds this many images at a time and saves each chunk, so an interrupted "
+                          "build resumes from the last chunk",
     "output.dir": "the run folder; `\"\"` = models_ckpt/<config file's name> (`--config configs/mine.yaml`: "
                   "models_ckpt/mine), or without a config file models_ckpt/<data.root's folder name> "
                   "(its parent's name when that folder is named `train`)",

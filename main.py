@@ -1,17 +1,26 @@
 """Command line: parse the arguments, resolve the configuration once, and hand over to one mode (modes/).
 
-    python main.py --mode train [--config FILE] [--resume | --overwrite] [key=value ...]
+    python main.py --mode train [--config FILE] [--resume | --overwrite | --init-from CKPT] [key=value ...]
+    python main.py --mode tune  [--config FILE] --trials N key=low:high[:log] key=[a,b,...] [key=value ...]
     python main.py --mode eval  [--config FILE] [--checkpoint PATH|none] [--output FILE] [--visualize N] [key=value ...]
     python main.py --mode eval  --embeddings E.npy --labels L.npy [--output report.json] [key=value ...]
     python main.py --mode demo  [key=value ...]
     python main.py --mode cache [--config FILE] data.cache_dir=FOLDER [key=value ...]
     python main.py --mode check [--config FILE] [key=value ...]
+    python main.py --mode index  --index DIR [--checkpoint CKPT] [--images IMG|DIR ... | --list FILE | --from-eval RUN_DIR]
+    python main.py --mode search --index DIR --query IMG [IMG ...] [--top-k K] [--visualize N --output PNG]
+    python main.py --mode add    --index DIR (--images IMG ... | --list FILE)
+    python main.py --mode remove --index DIR --ids ID [ID ...]
+    python main.py --mode export [--checkpoint CKPT] --output DIR
+    python main.py --mode serve  --index DIR [--host 127.0.0.1] [--port 8000]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -19,17 +28,34 @@ from errors import EXIT_INTERRUPTED, EXIT_USAGE, UsageError, exit_code_and_messa
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+# mode: (what it does, "module:function" called with (config, arguments); it returns the exit code or None for 0)
 MODES = {
-    "train": "fine-tune on the training classes; best.pt is chosen on held-out validation classes",
-    "eval": "embed the test split with a checkpoint and report Recall@k, MAP@R, R-Precision and MRR",
-    "demo": "generate a small dataset, train the tiny model on the CPU, evaluate it untrained and trained",
-    "check": "open and decode every listed image and report what is broken, before a long run",
-    "cache": "write a downsized copy of every image to data.cache_dir, for faster loading",
+    "train": ("fine-tune on the training classes; best.pt is chosen on held-out validation classes",
+              "modes.train:run_from_arguments"),
+    "eval": ("embed the test split with a checkpoint and report Recall@k, MAP@R, R-Precision and MRR",
+             "modes.evaluate:run_from_arguments"),
+    "demo": ("generate a small dataset, train the tiny model on the CPU, evaluate it untrained and trained",
+             "modes.demo:run_from_arguments"),
+    "check": ("open and decode every listed image and report what is broken, before a long run",
+              "modes.data:run_check_from_arguments"),
+    "cache": ("write a downsized copy of every image to data.cache_dir, for faster loading",
+              "modes.data:run_cache_from_arguments"),
+    "tune": ("search config keys with Optuna (key=low:high[:log], key=[a,b]) for the best validation Recall@1",
+             "modes.tune:run_from_arguments"),
+    "index": ("embed a catalogue (or saved eval outputs) with a checkpoint into a searchable index folder",
+              "modes.catalogue:run_index"),
+    "search": ("find the indexed images nearest to query images: JSON lines on stdout", "modes.catalogue:run_search"),
+    "add": ("add image files to an index; content already there is refused", "modes.catalogue:run_add"),
+    "remove": ("remove items from an index by id", "modes.catalogue:run_remove"),
+    "export": ("write a checkpoint as a Hugging Face style folder with a model card", "modes.catalogue:run_export"),
+    "serve": ("serve an index over HTTP: a search page at /, POST /search with an image, JSON results",
+              "catalogue.service:run_from_arguments"),
 }
+OVERRIDE = re.compile(r"[a-z_]+\.[a-z0-9_]+=.*")  # section.key=value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    modes = "\n".join(f"  {name:<6} {purpose}" for name, purpose in MODES.items())
+    modes = "\n".join(f"  {name:<6} {purpose}" for name, (purpose, _) in MODES.items())
     parser = argparse.ArgumentParser(
         description="Fine-tune and evaluate a Swinv2 image-retrieval model (deep metric learning).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -42,14 +68,32 @@ def build_parser() -> argparse.ArgumentParser:
                         help="YAML config (default: built-in SOP defaults; demo: configs/demo.yaml; eval: the run "
                              "folder's config.yaml when there is one)")
     parser.add_argument("--checkpoint", default=None,
-                        help="eval: checkpoint to evaluate (default: best.pt in output.dir); 'none' = backbone as loaded")
+                        help="eval, index, export: checkpoint (default: best.pt in output.dir); eval: 'none' = backbone "
+                             "as loaded; search, add: a copy of the index's checkpoint")
     parser.add_argument("--embeddings", type=Path, help="eval: precomputed (N, D) float .npy; no model, no images")
     parser.add_argument("--labels", type=Path, help="eval: (N,) integer .npy labels for --embeddings")
-    parser.add_argument("--output", type=Path, help="eval: where to write the report JSON (default: output.dir/report.json)")
+    parser.add_argument("--output", type=Path, help="eval: the report JSON (default: output.dir/report.json); "
+                                                    "search: the --visualize picture; export: the folder")
     parser.add_argument("--visualize", type=int, default=0, metavar="N",
-                        help="eval: also draw N test queries (picked by train.seed) with their top results")
+                        help="eval: also draw N test queries (picked by train.seed) with their top results; "
+                             "search: draw each query with its first N results")
+    parser.add_argument("--index", type=Path, metavar="DIR", help="index, search, add, remove: the index folder")
+    parser.add_argument("--images", nargs="+", metavar="IMG", help="index, add: image files (index: or a class tree)")
+    parser.add_argument("--list", type=Path, metavar="FILE", help="index, add: a SOP list or a file of image paths")
+    parser.add_argument("--from-eval", type=Path, metavar="RUN_DIR", help="index: a run's saved test embeddings")
+    parser.add_argument("--query", nargs="+", metavar="IMG", help="search: query images")
+    parser.add_argument("--top-k", type=int, default=10, metavar="K", help="search: results per query (default 10)")
+    parser.add_argument("--ids", nargs="+", type=int, metavar="ID", help="remove: item ids")
+    parser.add_argument("--host", default="127.0.0.1", help="serve: address to listen on (default 127.0.0.1: this "
+                                                             "machine only; the page has no authentication)")
+    parser.add_argument("--port", type=int, default=8000, help="serve: port (default 8000)")
     parser.add_argument("--resume", action="store_true", help="train: continue from last.pt in output.dir")
-    parser.add_argument("--overwrite", action="store_true", help="train: start afresh even if output.dir holds a run")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train, tune: start afresh even if output.dir holds a run (or a search)")
+    parser.add_argument("--init-from", type=Path, metavar="CKPT",
+                        help="train: start a new run from this checkpoint's model weights (new optimiser, schedule "
+                             "and classes; not a resume)")
+    parser.add_argument("--trials", type=int, default=20, metavar="N", help="tune: number of training runs (default 20)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and the search's log lines")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     return parser
@@ -76,6 +120,10 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         following = argv[position + 1] if position + 1 < len(argv) else None
         value = following if following is not None and not following.startswith("-") and "=" not in following else None
         parser.error(f"unrecognized option {unknown[0]}: {unknown_option_hint(unknown[0], value)}")
+    for name in ("images", "query"):  # a list option takes the overrides after it too: give them back
+        values = getattr(arguments, name) or []
+        arguments.overrides += [value for value in values if OVERRIDE.fullmatch(value)]
+        setattr(arguments, name, [value for value in values if not OVERRIDE.fullmatch(value)] or None)
     return arguments
 
 
@@ -84,43 +132,24 @@ def resolve_config(arguments: argparse.Namespace):
     from config import load_config
 
     config_path = arguments.config or (DEMO_CONFIG if arguments.mode == "demo" else None)
-    config = load_config(config_path, arguments.overrides)
-    if arguments.mode == "eval" and arguments.config is None and not arguments.embeddings:
+    overrides = arguments.overrides
+    if arguments.mode == "tune":  # key=low:high and key=[a,b] are the search space, not values
+        from modes.tune import split_search_space
+
+        overrides = split_search_space(overrides)[0]
+    config = load_config(config_path, overrides)
+    if arguments.mode in ("eval", "index") and arguments.config is None and not arguments.embeddings:
         checkpoint = arguments.checkpoint
-        run_dir = Path(checkpoint).parent if checkpoint and checkpoint != "none" else Path(config.output.dir)
+        run_dir = (Path(checkpoint).parent if checkpoint and checkpoint != "none"
+                   else Path(arguments.from_eval or config.output.dir))
         if (run_dir / "config.yaml").is_file():
             config = load_config(run_dir / "config.yaml", arguments.overrides, file_is_explicit=False)
     return config
 
 
 def run_mode(arguments: argparse.Namespace, config) -> int:
-    if arguments.mode == "train":
-        from modes.train import run_train
-
-        run_train(config, arguments.resume, arguments.overwrite)
-    elif arguments.mode == "demo":
-        from modes.demo import run_demo
-
-        run_demo(config)
-    elif arguments.mode == "cache":
-        from modes.data import run_cache
-
-        run_cache(config)
-    elif arguments.mode == "check":
-        from modes.data import run_check
-
-        return 0 if run_check(config)["ok"] else 1
-    elif arguments.embeddings or arguments.labels:
-        from modes.evaluate import run_eval_embeddings
-
-        if not (arguments.embeddings and arguments.labels):
-            raise UsageError("--embeddings and --labels go together")
-        run_eval_embeddings(config, arguments.embeddings, arguments.labels, arguments.output, arguments.visualize)
-    else:
-        from modes.evaluate import run_eval
-
-        run_eval(config, arguments.checkpoint, arguments.output, arguments.visualize)
-    return 0
+    module_name, function_name = MODES[arguments.mode][1].split(":")
+    return getattr(importlib.import_module(module_name), function_name)(config, arguments) or 0
 
 
 def main(argv: list[str] | None = None) -> int:

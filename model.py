@@ -12,6 +12,7 @@ from torch import nn
 from transformers import Swinv2Config, Swinv2Model
 
 TINY_BACKBONE = "tiny"
+EXPORTED_HEAD_FILE = "projection.safetensors"  # the projection head in a folder written by --mode export
 # Swinv2 checkpoints on the hub are trained with ImageNet's normalisation.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -133,9 +134,23 @@ class Embedder(nn.Module):
 
 
 def build_embedder(backbone_name: str, image_size: int, embedding_dim: int) -> Embedder:
-    """The model for training or for `--checkpoint none` evaluation (weights as loaded)."""
+    """The model for training or for `--checkpoint none` evaluation (weights as loaded).
+
+    A folder written by `--mode export` brings its projection head too (`projection.safetensors`), which
+    must have `embedding_dim` rows.
+    """
     mean, std = backbone_normalisation(backbone_name)
-    return Embedder(load_backbone(backbone_name, image_size), embedding_dim, mean, std)
+    model = Embedder(load_backbone(backbone_name, image_size), embedding_dim, mean, std)
+    head_file = Path(backbone_name) / EXPORTED_HEAD_FILE
+    if backbone_name != TINY_BACKBONE and head_file.is_file():
+        from safetensors.torch import load_file
+
+        head = load_file(head_file)
+        if embedding_dim != head["weight"].shape[0]:
+            raise BackboneLoadError(f"model.backbone '{backbone_name}' is an export with a {head['weight'].shape[0]}-d "
+                                    f"projection head; set model.embedding_dim={head['weight'].shape[0]}")
+        model.projection.load_state_dict(head)  # strict: weight and bias
+    return model
 
 
 def embedder_from_backbone_config(backbone_config: dict, embedding_dim: int, mean=IMAGENET_MEAN,
@@ -153,17 +168,21 @@ def apply_speed_options(model: Embedder, attention: str = "eager", grad_checkpoi
 
     Always: each shifted Swinv2 layer's window mask is built once and kept on the model's device.
     attention `sdpa`: transformers' eager Swinv2 attention replaced by a numerically equivalent
-    scaled_dot_product_attention module (swinv2_attention.py). grad_checkpointing: recompute block
+    scaled_dot_product_attention module (swinv2_attention.py); `flex`: the same through flex_attention, one
+    fused kernel with the position bias and shift mask computed inside it. grad_checkpointing: recompute block
     activations in the backward pass. compile_backbone: torch.compile, in place (Module.compile keeps
     the parameter names, so checkpoints stay interchangeable). compile_backend: torch.compile's backend;
     tests use "aot_eager" (the same graph capture and autograd tracing, without inductor's minutes of code
     generation on a CPU).
     """
-    from swinv2_attention import cache_shift_masks, enable_activation_checkpointing, use_sdpa_attention
+    from swinv2_attention import (cache_shift_masks, enable_activation_checkpointing, use_flex_attention,
+                                  use_sdpa_attention)
 
     cache_shift_masks(model.backbone)  # same mask, built once: no per-forward host copy (CUDA graphs need that)
     if attention == "sdpa":
         use_sdpa_attention(model.backbone)
+    elif attention == "flex":
+        use_flex_attention(model.backbone)
     if grad_checkpointing:
         enable_activation_checkpointing(model.backbone)
     if compile_backbone:

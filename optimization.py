@@ -35,11 +35,12 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
 
 
 def build_optimizer(model: nn.Module, lr: float, head_lr_multiplier: float, weight_decay: float,
-                    device: torch.device) -> torch.optim.AdamW:
+                    device: torch.device, loss_parameters=(), loss_lr: float = 0.0) -> torch.optim.AdamW:
     """AdamW over the trainable parameters of a `model.Embedder`, in up to 4 groups, empty ones dropped:
 
     backbone decayed, backbone not decayed (no_weight_decay_names), head weight, head bias; the head
-    (`model.head_parameters()`, the projection) at lr * head_lr_multiplier. Fused on CUDA.
+    (`model.head_parameters()`, the projection) at lr * head_lr_multiplier. Then, if there are any, the loss's
+    own parameters (proxies, class weights) as a last group at loss_lr without weight decay. Fused on CUDA.
     """
     head_ids = {id(p) for p in model.head_parameters()}
     excluded = no_weight_decay_names(model)
@@ -52,6 +53,9 @@ def build_optimizer(model: nn.Module, lr: float, head_lr_multiplier: float, weig
          "weight_decay": weight_decay if decayed else 0.0}
         for (in_head, decayed), params in groups.items() if params
     ]
+    loss_parameters = list(loss_parameters)
+    if loss_parameters:
+        param_groups.append({"params": loss_parameters, "lr": loss_lr, "weight_decay": 0.0})
     return torch.optim.AdamW(param_groups, fused=device.type == "cuda")
 
 

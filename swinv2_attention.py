@@ -23,6 +23,12 @@ contractions instead of a scatter-add. Under torch.compile, inductor fused the s
 batch reduction of the mask gradient into one kernel that took 1.65 ms per stage-3 block, 20% of a
 Swinv2-B training step on an H200 (bench/profile_step.py).
 
+`use_flex_attention` switches them to `FlexSwinv2SelfAttention` instead (`model.attention=flex`): the same
+maths through `torch.nn.attention.flex_attention`, one fused kernel on CUDA that reads no dense bias or mask.
+Its `score_mod` adds the position bias from the ((2Wh-1)(2Ww-1), heads) table at each (head, query, key)'s
+relative offset; in shifted layers a block mask built from each token's region of the window stands for the
+shift mask. It falls back to the SDPA forward, with one warning, where flex_attention cannot serve.
+
 Only attributes present since Swinv2 entered transformers are used (SELF_ATTENTION_ATTRIBUTES).
 """
 
@@ -147,28 +153,17 @@ class SdpaSwinv2SelfAttention(Swinv2SelfAttention):
         """
         if output_attentions:
             return super().forward(hidden_states, attention_mask, output_attentions=True)
-        batch_windows, tokens, channels = hidden_states.shape
+        batch_windows, tokens, _ = hidden_states.shape
         heads, head_dim = self.num_attention_heads, self.attention_head_size
         windows = attention_mask.shape[0] if attention_mask is not None else 1
-        batch = batch_windows // windows
-
-        # Windows are folded into the head axis, (B, nW * nH, T, hd), so that the per-window mask
-        # (nW, nH, T, T) broadcasts over the batch instead of being copied B times.
-        def split_heads(projected: torch.Tensor) -> torch.Tensor:
-            return projected.view(batch, windows, tokens, heads, head_dim).permute(0, 1, 3, 2, 4)  # (B, nW, nH, T, hd)
-
-        logit_scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()  # (nH, 1, 1)
-        value = split_heads(self.value(hidden_states))
-        # Under autocast the fp32 logit_scale promotes the queries to fp32; SDPA needs one dtype.
-        query = (F.normalize(split_heads(self.query(hidden_states)), dim=-1) * logit_scale).to(value.dtype)
-        key = F.normalize(split_heads(self.key(hidden_states)), dim=-1)
+        query, key, value = self.scaled_query_key_value(hidden_states, windows)
 
         bias = self.relative_position_bias().unsqueeze(0)  # (1, nH, T, T)
         if attention_mask is not None:
             # The eager module adds the shift mask twice (0 / -200 rather than 0 / -100); match it.
             bias = bias + 2 * attention_mask.unsqueeze(1)  # (nW, nH, T, T)
 
-        fold = (batch, windows * heads, tokens, head_dim)
+        fold = (batch_windows // windows, windows * heads, tokens, head_dim)
         context = F.scaled_dot_product_attention(
             query.reshape(fold),
             key.reshape(fold),
@@ -177,8 +172,33 @@ class SdpaSwinv2SelfAttention(Swinv2SelfAttention):
             dropout_p=self.dropout.p if self.training else 0.0,
             scale=1.0,
         )  # (B, nW * nH, T, hd)
-        context = context.view(batch, windows, heads, tokens, head_dim).permute(0, 1, 3, 2, 4)  # (B, nW, T, nH, hd)
-        return (context.reshape(batch_windows, tokens, channels),)
+        return (self.merge_heads(context, windows),)
+
+    def scaled_query_key_value(self, hidden_states: torch.Tensor, windows: int):
+        """(normalize(q) * logit_scale, normalize(k), v), each (B, nW, nH, T, hd), in v's dtype.
+
+        hidden_states (B * nW, T, C), windows batch-major. Windows go beside the heads so that, folded into one
+        axis (B, nW * nH, T, hd), a per-window mask or block mask broadcasts over the batch instead of being
+        copied B times.
+        """
+        batch_windows, tokens, _ = hidden_states.shape
+
+        def split_heads(projected: torch.Tensor) -> torch.Tensor:
+            return projected.view(batch_windows // windows, windows, tokens, self.num_attention_heads,
+                                  self.attention_head_size).permute(0, 1, 3, 2, 4)  # (B, nW, nH, T, hd)
+
+        logit_scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()  # (nH, 1, 1)
+        value = split_heads(self.value(hidden_states))
+        # Under autocast the fp32 logit_scale promotes the queries to fp32; the kernels need one dtype.
+        query = (F.normalize(split_heads(self.query(hidden_states)), dim=-1) * logit_scale).to(value.dtype)
+        key = F.normalize(split_heads(self.key(hidden_states)), dim=-1).to(value.dtype)
+        return query, key, value
+
+    def merge_heads(self, context: torch.Tensor, windows: int) -> torch.Tensor:
+        """(B, nW * nH, T, hd) -> (B * nW, T, C), the layout the module takes and returns."""
+        batch, _, tokens, head_dim = context.shape
+        context = context.view(batch, windows, self.num_attention_heads, tokens, head_dim).permute(0, 1, 3, 2, 4)
+        return context.reshape(batch * windows, tokens, self.all_head_size)  # from (B, nW, T, nH, hd)
 
 
 def use_sdpa_attention(model: nn.Module) -> int:
@@ -222,6 +242,178 @@ def has_separable_index(module: Swinv2SelfAttention) -> bool:
                   "recognise: using the plain gather (same results, slower backward under torch.compile)",
                   stacklevel=3)
     return False
+
+
+# --- flex_attention: the window attention as one fused kernel (model.attention=flex) ---
+
+try:  # the names used here exist, with these signatures, from torch 2.5 to 2.14
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # an older torch: use_flex_attention switches to SDPA instead
+    create_block_mask = flex_attention = None
+
+# torch refuses FlexAttention's backward on these devices (2.11-2.14: "does not support backward on CPU").
+FLEX_NO_BACKWARD_DEVICES = frozenset({"cpu", "mps"})
+# offsets: the score_mod reads the ((2Wh-1)(2Ww-1), heads) table at each score's relative offset, so the kernel's
+# backward sums the table gradient straight into those entries. gathered: it reads the (heads, T, T) bias that
+# the SDPA path builds (RelativePositionGather), whose gradient the kernel sums over batch and windows instead.
+FLEX_BIAS_LAYOUTS = ("offsets", "gathered")
+# Compiled flex_attention specialises on shapes: a Swinv2 has up to 2 per stage (with and without the shift
+# mask), each for training and for inference and per batch size. Dynamo's default limit of 8 per function
+# would send the rest to the unfused reference implementation.
+FLEX_RECOMPILE_LIMIT = 64
+_warned: set[str] = set()
+_compiled_flex_attention = None
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def flex_kernel(device: torch.device):
+    """flex_attention as it should run on `device`: the plain function inside a torch.compile region (the
+    outer compile fuses it) and off CUDA (the CPU tests; eager flex_attention computes every score densely),
+    else flex_attention compiled on its own, which is what makes it one fused kernel."""
+    global _compiled_flex_attention
+    if torch.compiler.is_compiling() or device.type != "cuda":
+        return flex_attention
+    if _compiled_flex_attention is None:
+        dynamo_config = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):  # the first name from torch 2.7, the second before
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(getattr(dynamo_config, name), FLEX_RECOMPILE_LIMIT))
+                break
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex_attention
+
+
+def shift_window_block_mask(attention_mask: torch.Tensor, heads: int):
+    """A BlockMask equal to Swinv2's additive shift mask, for scores laid out (batch, windows * heads, T, T).
+
+    attention_mask: (windows, T, T), 0 where query and key lie in the same region of the shifted map, -100 where
+    not. Each token's region is named by the first token of its window in the same region, so the block mask
+    reads two (windows, T) rows per score instead of a dense mask. Eager Swinv2 adds the mask twice (-200): a
+    masked weight there is below e^-184 of the largest (cosine scores are within +-100, the bias within 0..16),
+    so masking exactly changes nothing in float64.
+    """
+    windows, tokens, _ = attention_mask.shape
+    regions = (attention_mask == 0).to(torch.int32).argmax(dim=-1)  # (nW, T): first token of the same region
+
+    def same_region(batch, head, query_index, key_index):
+        window = head // heads
+        return regions[window, query_index] == regions[window, key_index]
+
+    return create_block_mask(same_region, 1, windows * heads, tokens, tokens, device=attention_mask.device)
+
+
+class FlexSwinv2SelfAttention(SdpaSwinv2SelfAttention):
+    """Swinv2SelfAttention with the same weights, computed by flex_attention.
+
+    Not built directly: `use_flex_attention` changes the class of existing modules. The SDPA forward serves
+    instead where flex_attention cannot: `output_attentions` (the eager forward), attention dropout in training
+    (flex_attention has none), a backward on the CPU (torch refuses it), or a kernel that failed (warned once).
+    """
+
+    bias_layout: str = "offsets"  # one of FLEX_BIAS_LAYOUTS, set per module by use_flex_attention
+    flex_failed: bool = False
+
+    def flex_unusable_reason(self, hidden_states: torch.Tensor) -> str | None:
+        if self.flex_failed:
+            return "flex_attention failed earlier"
+        if self.training and self.dropout.p > 0:
+            return "flex_attention has no attention dropout"
+        device = hidden_states.device.type
+        if device in FLEX_NO_BACKWARD_DEVICES and torch.is_grad_enabled() and (
+                hidden_states.requires_grad or self.query.weight.requires_grad):
+            return f"torch has no FlexAttention backward on {device}"
+        return None
+
+    def position_score_mod(self):
+        """score_mod adding the continuous position bias to each (batch, windows * heads, query, key) score.
+
+        The bias is made float32 at least before the kernel reads it: the kernel adds it to float32 scores, and
+        its backward accumulates the bias gradient in the bias's dtype, over every batch row and window.
+        """
+        heads = self.num_attention_heads
+        if self.bias_layout == "offsets" and self.separable_index:
+            window_h, window_w = self.window_size
+            table = self.continuous_position_bias_mlp(self.relative_coords_table).view(-1, heads)
+            table = 16 * torch.sigmoid(table.to(torch.promote_types(table.dtype, torch.float32)))  # (offsets, nH)
+
+            def add_bias(score, batch, head, query_index, key_index):
+                # separable_relative_position_index, computed from the two tokens' rows and columns
+                row_offset = query_index // window_w - key_index // window_w + window_h - 1
+                column_offset = query_index % window_w - key_index % window_w + window_w - 1
+                return score + table[row_offset * (2 * window_w - 1) + column_offset, head % heads]
+        else:
+            bias = self.relative_position_bias()  # (nH, T, T)
+            bias = bias.to(torch.promote_types(bias.dtype, torch.float32))
+
+            def add_bias(score, batch, head, query_index, key_index):
+                return score + bias[head % heads, query_index, key_index]
+        return add_bias
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = False,
+    ) -> tuple[torch.Tensor]:
+        """As SdpaSwinv2SelfAttention.forward: (batch * windows, tokens, channels) in and out."""
+        reason = None if output_attentions else self.flex_unusable_reason(hidden_states)
+        if output_attentions or reason is not None:
+            if reason is not None:
+                warn_once(f"model.attention=flex: {reason}; those Swinv2 attention calls use SDPA")
+            return super().forward(hidden_states, attention_mask, output_attentions)
+        if torch.compiler.is_compiling():  # a failure there is the compile's, reported by it
+            return (self.flex_forward(hidden_states, attention_mask),)
+        try:
+            return (self.flex_forward(hidden_states, attention_mask),)
+        except Exception as error:  # noqa: BLE001 - e.g. no Triton for this GPU: SDPA computes the same
+            self.flex_failed = True
+            warn_once(f"model.attention=flex: flex_attention failed ({type(error).__name__}: "
+                      f"{str(error).splitlines()[0] if str(error) else ''}); using SDPA attention")
+            return super().forward(hidden_states, attention_mask)
+
+    def flex_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        batch_windows, tokens, _ = hidden_states.shape
+        heads, head_dim = self.num_attention_heads, self.attention_head_size
+        windows = attention_mask.shape[0] if attention_mask is not None else 1
+        query, key, value = self.scaled_query_key_value(hidden_states, windows)
+        block_mask = shift_window_block_mask(attention_mask, heads) if attention_mask is not None else None
+        fold = (batch_windows // windows, windows * heads, tokens, head_dim)
+        context = flex_kernel(hidden_states.device)(
+            query.reshape(fold), key.reshape(fold), value.reshape(fold), score_mod=self.position_score_mod(),
+            block_mask=block_mask, scale=1.0)  # (B, nW * nH, T, hd)
+        return self.merge_heads(context, windows)
+
+
+def use_flex_attention(model: nn.Module, bias_layout: str = "offsets") -> int:
+    """Switch every Swinv2 self-attention inside `model` (eager or SDPA) to FlexSwinv2SelfAttention, in place.
+
+    As use_sdpa_attention, only the modules' class changes. bias_layout: one of FLEX_BIAS_LAYOUTS (also applied
+    to modules already switched). Without flex_attention in this torch, switches to SDPA instead, with a warning.
+
+    Returns:
+        the number of modules switched by this call.
+    """
+    if bias_layout not in FLEX_BIAS_LAYOUTS:
+        raise ValueError(f"bias_layout must be one of {FLEX_BIAS_LAYOUTS}, not {bias_layout!r}")
+    if flex_attention is None:
+        warn_once(f"model.attention=flex: torch {torch.__version__} has no flex_attention; using SDPA attention")
+        return use_sdpa_attention(model)
+    switched = 0
+    for module in model.modules():
+        if type(module) in (Swinv2SelfAttention, SdpaSwinv2SelfAttention):
+            switched_before = type(module) is SdpaSwinv2SelfAttention
+            separable = module.separable_index if switched_before else has_separable_index(module)
+            module.__class__ = FlexSwinv2SelfAttention
+            module.separable_index = separable
+            switched += 1
+        if isinstance(module, FlexSwinv2SelfAttention):
+            module.bias_layout = bias_layout
+    return switched
 
 
 class CachedMaskSwinv2Layer(Swinv2Layer):

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from checkpoint import model_only as model_only_state
 from checkpoint import CheckpointError, save_checkpoint_atomically, weights_digest
 from evaluation import autocast_context
+from health import EpochSignals, collapse_warning, embedding_spread
 
 
 VALIDATION_METRIC = "recall@1"
@@ -42,12 +43,14 @@ class Trainer:
         checkpoint_extra: what eval needs to rebuild the model without the hub (config, backbone config...).
         skip_log: a `dataloaders.SkippedImageLog` that records training images the loader skipped as
             unreadable (`data.on_bad_image=skip`); None when the loader never skips.
+        on_epoch_end: called with each epoch's record once its checkpoints are saved; returning True stops
+            training there (`--mode tune` prunes unpromising trials with it). None = never.
     """
 
     def __init__(self, model: nn.Module, objective, optimizer, scheduler, train_loader,
                  validate: Callable[[nn.Module], dict] | None, device: torch.device, precision: str,
                  grad_clip: float, epochs: int, patience: int, run_dir: Path, tracker, seed: int,
-                 checkpoint_extra: dict, skip_log=None):
+                 checkpoint_extra: dict, skip_log=None, on_epoch_end: Callable[[dict], bool] | None = None):
         self.model, self.objective = model, objective
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.validate = train_loader, validate
@@ -56,6 +59,7 @@ class Trainer:
         self.run_dir, self.tracker, self.seed = Path(run_dir), tracker, seed
         self.checkpoint_extra = checkpoint_extra
         self.skip_log = skip_log
+        self.on_epoch_end = on_epoch_end
         # GradScaler matters only for fp16; disabled it is a pass-through, so the step has one code path.
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.epoch = 0  # epochs completed
@@ -65,9 +69,17 @@ class Trainer:
         self.history: list[dict] = []
         self.batches_done_in_epoch = 0  # > 0 only in a checkpoint written mid-epoch (after a stop signal)
         self.stop_signal: str | None = None
+        self.warned_collapse = False
 
     # ---- one optimisation step -------------------------------------------------------------
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor,
+                   sources: torch.Tensor | None = None) -> tuple[float, dict[str, torch.Tensor]]:
+        """One optimiser step. sources: each row's dataset index (to tell an image's repeats apart).
+
+        Returns the loss and the step's signals as 0-d tensors on the device (health.EpochSignals sums them):
+        tuples, loss_terms, active_terms (objective), spread, effective_rank, grad_norm (the model's, before
+        clipping).
+        """
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         with autocast_context(self.device, self.precision):
@@ -75,23 +87,24 @@ class Trainer:
         # Checked before mining: a miner's argmax over NaN distances picks garbage indices, not a clear stop.
         if not bool(torch.isfinite(embeddings).all()):  # note: a CPU-GPU sync point
             raise NonFiniteLossError(self._diverged("the embeddings are NaN or infinite"))
-        loss, num_triplets = self.objective(embeddings, labels)
+        loss, signals = self.objective(embeddings, labels, sources)
         loss_value = loss.item()  # note: a CPU-GPU sync point, needed for the finiteness check
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(self._diverged(f"the loss is {loss_value}"))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if self.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            gradient_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            # fp16's scaler skips steps with inf gradients by design; in bf16/fp32 they mean divergence.
-            if not self.scaler.is_enabled() and not math.isfinite(gradient_norm.item()):
-                raise NonFiniteLossError(self._diverged(f"the gradient norm is {gradient_norm.item()}"))
+        self.scaler.unscale_(self.optimizer)
+        # With grad_clip 0 this only measures the norm.
+        gradient_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or math.inf)
+        # fp16's scaler skips steps with inf gradients by design; in bf16/fp32 they mean divergence.
+        if not self.scaler.is_enabled() and not math.isfinite(gradient_norm.item()):
+            raise NonFiniteLossError(self._diverged(f"the gradient norm is {gradient_norm.item()}"))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.global_step += 1
-        return loss_value, num_triplets
+        spread, effective_rank = embedding_spread(embeddings.detach())
+        return loss_value, {**signals, "spread": spread, "effective_rank": effective_rank, "grad_norm": gradient_norm}
 
     def _diverged(self, what: str) -> str:
         return (f"{what} at step {self.global_step + 1} (epoch {self.epoch + 1}): training diverged; stopped without "
@@ -110,19 +123,21 @@ class Trainer:
         progress = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", unit="batch", initial=start,
                         total=len(sampler), dynamic_ncols=True)
         total_loss, total_images, steps_run, started = 0.0, 0, 0, time.perf_counter()
-        for step_in_epoch, (images, labels, _, skipped) in enumerate(progress, start=start + 1):
+        signals = EpochSignals()
+        for step_in_epoch, (images, labels, sources, skipped) in enumerate(progress, start=start + 1):
             if skipped:
                 self._note_skipped(skipped)
             # A batch whose every image was unreadable has nothing to learn from: no step, no log line.
             if images is not None:
-                loss, num_triplets = self.train_step(images, labels)
+                loss, step_signals = self.train_step(images, labels, sources)
+                signals.add(step_signals)
                 steps_run += 1
                 total_loss += loss
                 total_images += len(images)
                 images_per_second = total_images / (time.perf_counter() - started)
                 progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.1f}")
                 if self.global_step % 10 == 0 or step_in_epoch == len(sampler):
-                    self.tracker.log({"train/loss": loss, "train/triplets": num_triplets,
+                    self.tracker.log({"train/loss": loss, "train/tuples": int(step_signals["tuples"]),
                                       "train/lr": self.scheduler.get_last_lr()[0],
                                       "train/images_per_second": images_per_second,
                                       "epoch": self.epoch + step_in_epoch / len(sampler)}, step=self.global_step)
@@ -134,8 +149,11 @@ class Trainer:
                                         f"by data.on_bad_image=skip, listed in {self.skip_log.path})")
         self.batches_done_in_epoch = 0
         seconds = time.perf_counter() - started
+        repeats = {f"data/{name}": value for name, value in sampler.repeat_rates(self.epoch).items()}
+        # A resumed epoch's signals cover its batches after the resume only.
         return {"train/epoch_loss": total_loss / max(1, steps_run), "train/epoch_seconds": seconds,
-                "train/epoch_images_per_second": total_images / seconds if seconds > 0 else 0.0}
+                "train/epoch_images_per_second": total_images / seconds if seconds > 0 else 0.0,
+                **signals.summary(), **repeats}
 
     def _note_skipped(self, skipped: list) -> None:
         new = self.skip_log.record("train", self.train_loader.dataset.image_list, skipped, f"epoch {self.epoch + 1}")
@@ -182,11 +200,20 @@ class Trainer:
             self.tracker.log(record, step=self.global_step)
             shown = f", val recall@1 {100 * metric:.2f}%" if validation else ""
             tqdm.write(f"epoch {self.epoch}: loss {summary['train/epoch_loss']:.4f}, "
-                       f"{summary['train/epoch_images_per_second']:.1f} img/s{shown}"
+                       f"{summary['train/epoch_images_per_second']:.1f} img/s, spread "
+                       f"{summary.get('train/embedding_spread', math.nan):.3f}, "
+                       f"active {100 * summary.get('train/active_fraction', math.nan):.1f}%{shown}"
                        + (" (best)" if improved and validation else ""))
+            warning = collapse_warning(record, self.history[0])
+            if warning and not self.warned_collapse:  # once per process: the advice does not change
+                tqdm.write(warning)
+                self.warned_collapse = True
             self.save("last.pt", validation)
             if improved:
                 self.save("best.pt", validation, model_only=True)
+            if self.on_epoch_end is not None and self.on_epoch_end(record):
+                tqdm.write(f"stopped after epoch {self.epoch} by the caller (on_epoch_end)")
+                break
             if self.patience and self.epochs_without_improvement >= self.patience:
                 tqdm.write(f"early stopping: no better validation {VALIDATION_METRIC} for {self.patience} epochs")
                 break

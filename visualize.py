@@ -88,7 +88,8 @@ def retrieval_grid(
 ) -> Path:
     """Draw one row per query: the query (blue frame), then its top-k results in rank order.
 
-    A result's frame is green when its label equals the query's, red otherwise. Captions give the
+    A result's frame is green when its label equals the query's, red otherwise, and grey when the query's
+    label is unknown (negative: a search by an outside image). Captions give the
     class (its name when `class_names` has it, else `class <id>`), and for results the distance on the unit sphere, sqrt(max(0, 2 - 2 * score)), which
     assumes the scores are inner products of L2-normalised embeddings.
 
@@ -97,7 +98,7 @@ def retrieval_grid(
         neighbour_indices: [Q, k] int, each query's results, best first (e.g. rows of
             `retrieval.nearest_neighbours`' indices at `query_indices`).
         neighbour_scores: [Q, k] float, the matching inner products.
-        labels: [N] int class ids.
+        labels: [N] int class ids; negative = unknown (captioned "no label").
         image_paths: N absolute image paths.
         output_path: the PNG to write; parent folders are created.
         thumbnail_size: side of each square thumbnail in pixels (images are letterboxed, not cropped).
@@ -140,13 +141,16 @@ def retrieval_grid(
     distances = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * neighbour_scores))
 
     def class_caption(label) -> str:
-        return class_names[label] if 0 <= label < len(class_names) else f"class {label}"
+        if label < 0:
+            return "no label"
+        return class_names[label] if label < len(class_names) else f"class {label}"
 
     for row, query in enumerate(query_indices.tolist()):
         query_label = labels[query]
         tiles = [(query, QUERY_COLOUR, ["query", class_caption(query_label)])]
         for rank, (item, distance) in enumerate(zip(neighbour_indices[row].tolist(), distances[row].tolist()), 1):
-            colour = CORRECT_COLOUR if labels[item] == query_label else WRONG_COLOUR
+            colour = (MISSING_COLOUR if query_label < 0 else CORRECT_COLOUR if labels[item] == query_label
+                      else WRONG_COLOUR)
             tiles.append((item, colour, [f"#{rank} {class_caption(labels[item])}", f"d = {distance:.3f}"]))
         for column, (item, colour, caption) in enumerate(tiles):
             x, y = layout.tile_origin(row, column)
@@ -237,6 +241,36 @@ def plot_validation_curve(history: list[dict], output_path: Path) -> Path | None
     # Below the plot, not inside it: inside, it covered the first epochs of one line or another.
     figure.legend(lines, [line.get_label() for line in lines], loc="outside lower center", ncols=len(lines))
     axes.set_title("validation during training")
+    return _save_figure(figure, Path(output_path))
+
+
+def plot_search_history(values: list[float], states: list[str], output_path: Path) -> Path:
+    """The best validation Recall@1 so far (percent) against trial number, with every trial's own value.
+
+    values: each trial's best validation Recall@1 (a fraction; NaN for a failed trial). states: `complete`,
+    `pruned` (drawn hollow: it stopped early, so its value is a lower bound) or `failed` (not drawn).
+    The best-so-far line counts complete trials only, as the search's result does. Returns `output_path`.
+    """
+    figure = Figure(figsize=(6, 4), dpi=120)
+    axes = figure.add_subplot()
+    for state, style in (("complete", {"color": "tab:blue"}),
+                         ("pruned", {"facecolors": "none", "edgecolors": "tab:gray"})):
+        points = [(trial, 100 * value) for trial, (value, s) in enumerate(zip(values, states))
+                  if s == state and math.isfinite(value)]
+        if points:
+            axes.scatter(*zip(*points), s=18, label=f"{state} trial", zorder=3, **style)
+    best, best_so_far = -math.inf, []
+    for value, state in zip(values, states):
+        if state == "complete" and math.isfinite(value):
+            best = max(best, 100 * value)
+        best_so_far.append(best if math.isfinite(best) else math.nan)
+    axes.step(range(len(values)), best_so_far, where="post", color="tab:red", label="best so far")
+    axes.set_xlabel("trial")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_ylabel("validation Recall@1 (%)")
+    axes.set_title("hyperparameter search")
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="lower right", fontsize=8)
     return _save_figure(figure, Path(output_path))
 
 

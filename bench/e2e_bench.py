@@ -72,7 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=60502)
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 200 images, CPU")
-    parser.add_argument("--attention", default="sdpa", choices=("eager", "sdpa"))
+    parser.add_argument("--attention", default="sdpa", choices=("eager", "sdpa", "flex"))
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--cache", action="store_true", help="evaluate from a downsized --mode cache copy")

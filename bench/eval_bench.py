@@ -110,6 +110,12 @@ def run_worker(args: argparse.Namespace) -> None:
     search_log.addHandler(SearchChoice(result))
     device = torch.device(args.device)
     if device.type == "cuda":
+        if args.worker != "pml":  # CUDA context, cuBLAS handles and kernels loaded outside the timing
+            sys.path.insert(0, str(REPO_ROOT))
+            from evaluation import evaluate_embeddings
+
+            evaluate_embeddings(embeddings[:2000], labels[:2000], [1], backend=args.worker, device=args.device,
+                                memory_gb=args.memory_gb)
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     if args.worker == "pml":
@@ -293,6 +299,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--cases", default=None,
                         help=f"comma-separated cases to run, of {', '.join(CASES)}; all that can run here by default")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--tiny", action="store_true",
+                        help="a smoke test: N = 3,000 at d = 64, cases ours/torch and main.py unless --cases names others")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--embeddings", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--labels", type=Path, help=argparse.SUPPRESS)
@@ -300,6 +308,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("command", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.tiny:
+        args.n, args.dims, args.cases = 3000, "64", args.cases or "ours/torch,main.py"
     unknown = set(args.cases.split(",")) - set(CASES) if args.cases else set()
     if unknown:
         parser.error(f"--cases: unknown {sorted(unknown)}; the cases are {', '.join(CASES)}")

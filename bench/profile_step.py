@@ -30,7 +30,9 @@ from bench.train_bench import our_step_runner, swinv2_base_config, synchronize  
 from model import tiny_backbone_config  # noqa: E402
 
 KINDS = (  # (kind, substrings of the kernel name), first match wins
-    ("inductor (fused)", ("triton_",)),  # first: inductor names its kernels after the operators they fuse
+    # inductor's template kernels: flex_attention's (matrix products use cuBLAS unless max-autotune is on)
+    ("attention", ("triton_tem_",)),
+    ("inductor (fused)", ("triton_",)),  # inductor names its kernels after the operators they fuse
     ("attention", ("fmha", "attention", "flash")),
     ("matrix product", ("gemm", "xmma", "cutlass", "cublas", "nvjet", "matmul", "::mm", "addmm", "bmm")),
     ("copy / fill", ("copy", "memcpy", "memset", "fill")),
@@ -112,7 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU, not compiled: a smoke test")
     parser.add_argument("--batches", default="128", help="comma-separated P x K batch sizes (K = 4)")
-    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "flex", "eager"])
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)

@@ -1,6 +1,6 @@
-"""Batch samplers for metric learning: every batch must contain positive pairs to learn from.
+"""Batch samplers for metric learning: P x K class-balanced batches, random triplets, or plain shuffled batches.
 
-Both samplers yield lists of item indices; use them as `DataLoader(dataset, batch_sampler=sampler)`.
+All samplers yield lists of item indices; use them as `DataLoader(dataset, batch_sampler=sampler)`.
 An epoch's plan is a pure function of (seed, epoch), so runs are reproducible and a resumed run
 replays the same batches (`set_epoch` + `set_start_batch`). As with DistributedSampler, call
 `set_epoch(epoch)` before each epoch, otherwise every epoch repeats the plan of epoch 0.
@@ -54,6 +54,10 @@ class _EpochPlanSampler(Sampler[list[int]]):
     def epoch_plan(self, epoch: int) -> np.ndarray:
         """int64 [num_batches, batch_size]: the batches of `epoch`, in order."""
         return self._plan(np.random.default_rng((self.seed, epoch)))
+
+    def repeat_rates(self, epoch: int) -> dict[str, float]:
+        """How often the plan of `epoch` shows an image more than once (see `plan_repeat_rates`)."""
+        return plan_repeat_rates(self.epoch_plan(epoch))
 
     def __iter__(self):
         start = self._start_batch  # read now, not lazily inside the generator
@@ -239,6 +243,44 @@ class RandomTripletBatchSampler(_EpochPlanSampler):
         draw = rng.integers(0, self._items.size - size)
         negative = np.where(draw < start, draw, draw + size)
         return np.concatenate([self._items[p].reshape(B, T) for p in (anchor, positive, negative)], axis=1)
+
+
+class ShuffleBatchSampler(_EpochPlanSampler):
+    """Plain shuffled batches of `batch_size` images, whatever their classes (for proxy losses, which need no
+    positive pair in the batch). Every image at most once per epoch; the last N % batch_size images of the
+    shuffled order are not used that epoch.
+
+    Raises:
+        ValueError: batch_size < 1, or fewer than batch_size images.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.num_items, self.batch_size = num_items, batch_size
+        super().__init__(num_items // batch_size, seed)
+
+    def _plan(self, rng: np.random.Generator) -> np.ndarray:
+        B, S = self._num_batches, self.batch_size
+        return rng.permutation(self.num_items)[: B * S].reshape(B, S).astype(np.int64)
+
+
+def plan_repeat_rates(plan: np.ndarray) -> dict[str, float]:
+    """Repeats in an epoch plan (int [num_batches, batch_size] of item indices).
+
+    Returns:
+        repeated_slots: fraction of the plan's slots holding an image already shown earlier in the epoch
+            (P x K fills small classes and short chunks with repeats).
+        repeated_slots_within_batch: fraction of slots whose image is already in the same batch: the image
+            paired with (another view of) itself.
+        batches_with_a_repeat: fraction of batches holding some image twice.
+    """
+    slots = plan.size
+    sorted_rows = np.sort(plan, axis=1)
+    duplicates_in_row = (sorted_rows[:, 1:] == sorted_rows[:, :-1]).sum(axis=1)  # [num_batches]
+    return {"repeated_slots": 1.0 - np.unique(plan).size / slots,
+            "repeated_slots_within_batch": float(duplicates_in_row.sum()) / slots,
+            "batches_with_a_repeat": float((duplicates_in_row > 0).mean())}
 
 
 def _members_by_class(labels: np.ndarray) -> list[np.ndarray]:

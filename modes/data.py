@@ -3,17 +3,55 @@ and the same check run by training before it builds a model."""
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from dataloaders.checks import check_image_lists, format_check_report
 from dataloaders.loaders import has_test_split, resolve_image_lists, worker_count
-from errors import DataCheckFailed, UsageError
+from errors import DataCheckFailed, Interrupted, UsageError
 from evaluation import write_report
 from run_folder import prepare_output_dir
+
+
+class _StopSignal(BaseException):
+    """Raised by the handler: a BaseException, so no `except Exception` around a decoder takes it for a bad image."""
+
+
+@contextmanager
+def stopped_by_signals(what: str, outcome: str) -> Iterator[None]:
+    """SIGTERM/SIGINT inside the block raise `Interrupted("<what> stopped by SIGTERM; <outcome>")` (exit code 3).
+
+    The exception unwinds through the code that started worker processes or temporary files, which stops
+    and removes them on its way out (`map_in_worker_processes`, `build_cache`); a second signal during
+    that clean-up is ignored, so the clean-up finishes. Outside the main thread, signals are left alone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received, previous = [], {}
+
+    def stop(signum, frame):
+        if not received:
+            received.append(signal.Signals(signum).name)
+            raise _StopSignal
+
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, stop)
+        yield
+    except _StopSignal:
+        raise Interrupted(f"{what} stopped by {received[0]}; {outcome}") from None
+    finally:
+        received.append(None)  # a signal from here on is ignored, not raised outside the block
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_check(config) -> dict:
@@ -23,7 +61,10 @@ def run_check(config) -> dict:
     splits = {name: image_list for name, image_list in (("train", train), ("validation", validation), ("test", test))
               if image_list is not None and len(image_list) > 0}
     run_dir = prepare_output_dir(Path(config.output.dir))
-    report = check_image_lists(splits, workers=max(1, worker_count(config.data.num_workers)))
+    with stopped_by_signals("data check", "no report written"):
+        report = check_image_lists(splits, workers=max(1, worker_count(config.data.num_workers)),
+                                   allow_outside_root=config.data.allow_outside_root,
+                                   max_image_bytes=config.data.max_image_bytes)
     print(format_check_report(report))
     report_path = run_dir / "data_check.json"
     write_report(report, report_path)
@@ -44,7 +85,12 @@ def run_cache(config) -> dict:
              if image_list is not None]
     short_side = eval_resize_size(config.data.image_size)
     started = time.perf_counter()
-    summary = build_cache(lists, Path(config.data.cache_dir), short_side, workers=worker_count(config.data.num_workers))
+    with stopped_by_signals("cache build", "the images written so far are kept for the next --mode cache, "
+                                           "and the cache is not marked complete"):
+        summary = build_cache(lists, Path(config.data.cache_dir), short_side,
+                              workers=worker_count(config.data.num_workers),
+                              allow_outside_root=config.data.allow_outside_root,
+                              max_image_bytes=config.data.max_image_bytes)
     print(f"cache {config.data.cache_dir}: {summary['written']} images written, {summary['reused']} reused, "
           f"{len(summary['failed'])} failed, short side {short_side} px, {time.perf_counter() - started:.1f} s")
     if summary["failed"]:
@@ -67,7 +113,9 @@ def check_before_training(data, splits: dict, run_dir: Path, skip_log) -> dict:
         return splits
     started = time.perf_counter()
     checked = {name: image_list for name, image_list in splits.items() if len(image_list) > 0}
-    report = check_image_lists(checked, workers=max(1, worker_count(data.num_workers)), decode=mode == "full")
+    with stopped_by_signals("data check before training", "nothing trained"):
+        report = check_image_lists(checked, workers=max(1, worker_count(data.num_workers)), decode=mode == "full",
+                                   allow_outside_root=data.allow_outside_root, max_image_bytes=data.max_image_bytes)
     total = sum(len(image_list) for image_list in checked.values())
     print(f"data check ({'every image decoded' if mode == 'full' else 'headers only'}; data.startup_check={mode}): "
           f"{total} images, {report['num_bad_images']} bad, {time.perf_counter() - started:.1f} s")
@@ -91,3 +139,11 @@ def check_before_training(data, splits: dict, run_dir: Path, skip_log) -> dict:
         kept_splits[name] = image_list.subset(np.flatnonzero(keep))
     print(f"warning: skipping {len(bad)} unreadable image(s) (data.on_bad_image=skip), listed in {skip_log.path}")
     return kept_splits
+
+
+def run_check_from_arguments(config, arguments) -> int:
+    return 0 if run_check(config)["ok"] else 1
+
+
+def run_cache_from_arguments(config, arguments) -> None:
+    run_cache(config)

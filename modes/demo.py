@@ -7,6 +7,10 @@ from pathlib import Path
 DEMO_PICTURE_QUERIES = 8
 
 
+def run_from_arguments(config, arguments) -> None:
+    run_demo(config)
+
+
 def run_demo(config) -> dict:
     from evaluation import markdown_table, write_report
     from modes.evaluate import run_eval

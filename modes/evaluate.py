@@ -14,6 +14,15 @@ from errors import UsageError
 GRID_NEIGHBOURS = 8  # results per query in the --visualize grid
 
 
+def run_from_arguments(config, arguments) -> None:
+    if arguments.embeddings or arguments.labels:
+        if not (arguments.embeddings and arguments.labels):
+            raise UsageError("--embeddings and --labels go together")
+        run_eval_embeddings(config, arguments.embeddings, arguments.labels, arguments.output, arguments.visualize)
+    else:
+        run_eval(config, arguments.checkpoint, arguments.output, arguments.visualize)
+
+
 def ks_that_fit(config, num_items: int, what: str) -> tuple[list[int], list[int]]:
     """(recall ks, mAP ks) for a set of `num_items`: a query's gallery holds the other num_items - 1.
 
@@ -49,7 +58,7 @@ def checkpoint_path(config, checkpoint_arg: str | None) -> Path:
     return path
 
 
-def config_of_checkpoint(config, checkpoint: dict, path: Path):
+def config_of_checkpoint(config, checkpoint: dict, path: Path, purpose: str = "evaluate the checkpoint as trained"):
     """The configuration with the model-defining keys the checkpoint was trained with.
 
     The checkpoint decides its own model: a key set explicitly to another value is refused, one left
@@ -64,7 +73,7 @@ def config_of_checkpoint(config, checkpoint: dict, path: Path):
         value = saved[section][name]
         if value != getattr(getattr(config, section), name) and config.is_explicit(key):
             raise UsageError(f"{key}={getattr(getattr(config, section), name)!r} was asked for, but checkpoint {path} "
-                             f"was trained with {value!r}: leave {key} out to evaluate the checkpoint as trained")
+                             f"was trained with {value!r}: leave {key} out to {purpose}")
         values[key] = value
     return config.updated(values)
 

@@ -23,26 +23,55 @@ def validation_function(val_list, val_loader, recall_ks, config, device, skip_lo
     return validate
 
 
-def run_train(config, resume: bool, overwrite: bool) -> dict:
-    """Train into output.dir, which this process holds exclusively until it returns."""
+def run_from_arguments(config, arguments) -> None:
+    run_train(config, arguments.resume, arguments.overwrite, arguments.init_from)
+
+
+def run_train(config, resume: bool, overwrite: bool, init_from: Path | None = None, on_epoch_end=None) -> dict:
+    """Train into output.dir, which this process holds exclusively until it returns.
+
+    init_from: a checkpoint whose model weights start this new run (--init-from).
+    on_epoch_end: called with each epoch's record (`epoch`, `val/recall@1`, ...); True stops training there.
+    """
+    from objective import resolve_objective_config
     from run_folder import run_folder_lock
 
+    config = resolve_objective_config(config)  # train.loss_params / miner_params checked before any data is read
     if resume and overwrite:
         raise UsageError("--resume continues the run in output.dir and --overwrite starts it afresh: pass one of them")
+    if resume and init_from is not None:
+        raise UsageError("--resume continues the run in output.dir from its own last.pt; --init-from starts a new run "
+                         "from another checkpoint's weights: pass one of them")
     with run_folder_lock(Path(config.output.dir), "train"):
-        return train_in_locked_folder(config, resume, overwrite)
+        return train_in_locked_folder(config, resume, overwrite, init_from, on_epoch_end)
 
 
-def train_in_locked_folder(config, resume: bool, overwrite: bool) -> dict:
-    from checkpoint import (refuse_changed_training_list, refuse_mismatched_checkpoint, remove_stale_temporaries,
-                            training_list_identity)
+def starting_checkpoint(config, path: Path):
+    """--init-from: (config with the checkpoint's model keys, the checkpoint, where its weights came from).
+
+    Only the model weights carry over; the optimiser, schedule, epochs and the loss's own parameters (say,
+    proxies of other classes) start afresh, so the new run may train on other classes.
+    """
+    from checkpoint import load_checkpoint, weights_digest
+    from modes.evaluate import config_of_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    source = {"path": str(Path(path).resolve()), "epoch": checkpoint["epoch"],
+              "weights_sha256": checkpoint.get("weights_sha256") or weights_digest(checkpoint["model"])}
+    return config_of_checkpoint(config, checkpoint, path, f"start from {path}"), checkpoint, source
+
+
+def train_in_locked_folder(config, resume: bool, overwrite: bool, init_from: Path | None = None,
+                           on_epoch_end=None) -> dict:
+    from checkpoint import (embedder_from_checkpoint, refuse_changed_training_list, refuse_mismatched_checkpoint,
+                            remove_stale_temporaries, training_list_identity)
     from config import save_config
     from dataloaders import SkippedImageLog, stop_loader_workers
     from dataloaders.loaders import evaluation_loader, resolve_image_lists, training_loader
     from dataloaders.skipped_images import SKIPPED_IMAGES_FILE
     from model import apply_speed_options, build_embedder
     from modes.data import check_before_training
-    from objective import MetricLearningObjective
+    from objective import loss_learning_rate, objective_from_config
     from optimization import build_optimizer, warmup_cosine_schedule
     from run_folder import remove_previous_outputs
     from runtime import configure_matmul_precision, seed_everything, select_device
@@ -59,6 +88,9 @@ def train_in_locked_folder(config, resume: bool, overwrite: bool) -> dict:
         raise UsageError(f"--resume: no {last} to resume from")
     # Checked before anything is written, so a refused resume leaves the run folder as it was.
     resumed_from = refuse_mismatched_checkpoint(last, config) if resume else None
+    # Loaded before --overwrite clears the folder, which may hold it.
+    config, starting_from, init_source = (starting_checkpoint(config, init_from) if init_from is not None
+                                          else (config, None, None))
     if not resume:  # a fresh run: nothing of an earlier one may pass for this one's
         remove_previous_outputs(run_dir)
 
@@ -75,7 +107,13 @@ def train_in_locked_folder(config, resume: bool, overwrite: bool) -> dict:
     train_loader = training_loader(train_list, config.data, config.train.seed, device)
     val_loader = evaluation_loader(val_list, config.data, config.eval.batch_size, device) if len(val_list) >= 2 else None
     seed_everything(config.train.seed)
-    model = build_embedder(config.model.backbone, config.data.image_size, config.model.embedding_dim).to(device)
+    if starting_from is not None:  # the checkpoint's architecture and weights (strict), no download
+        model = embedder_from_checkpoint(starting_from).to(device)
+        starting_from = None  # the run keeps only the model's copy of the weights
+        print(f"starting from the weights of {init_source['path']} (epoch {init_source['epoch']}, "
+              f"sha256 {init_source['weights_sha256'][:12]})")
+    else:
+        model = build_embedder(config.model.backbone, config.data.image_size, config.model.embedding_dim).to(device)
     apply_speed_options(model, config.model.attention, config.train.grad_checkpointing, config.train.compile)
     print(f"train: {len(train_list)} images / {train_list.num_classes} classes; "
           f"validation: {len(val_list)} images / {val_list.num_classes} classes; "
@@ -89,19 +127,23 @@ def train_in_locked_folder(config, resume: bool, overwrite: bool) -> dict:
     else:
         print("no validation classes (data.val_fraction=0): best.pt will be the last epoch")
 
-    objective = MetricLearningObjective(config.train.loss, config.train.miner, config.train.margin,
-                                        config.train.contrastive_pos_margin, config.train.contrastive_neg_margin,
-                                        config.train.seed)
+    objective = objective_from_config(config.train, config.data.repeat_positives, train_list.labels,
+                                      model.embedding_dim).to(device)
     optimizer = build_optimizer(model, config.train.lr, config.train.head_lr_multiplier, config.train.weight_decay,
-                                device)
+                                device, objective.parameters(), loss_learning_rate(config.train))
     total_steps = config.train.epochs * len(train_loader)
     scheduler = warmup_cosine_schedule(optimizer, total_steps, round(config.train.warmup_fraction * total_steps))
 
     save_config(config, run_dir / "config.yaml")
+    # Where the weights started: this run's --init-from, or (on resume) the one its last.pt recorded.
+    init_source = init_source or (resumed_from or {}).get("init_from")
     # A resumed run continues its wandb run rather than starting another.
     tracker = Tracker(run_dir, config.wandb.mode, config.wandb.project, config.wandb.entity, config.wandb.run_name,
-                      config.to_dict(), job_type="train",
+                      {**config.to_dict(), **({"init_from": init_source} if init_source else {})}, job_type="train",
                       resume_id=(resumed_from or {}).get("wandb_run_id", ""))
+    if init_source and resumed_from is None:
+        tracker.log({"init_from": init_source["path"], "init_from_weights_sha256": init_source["weights_sha256"]},
+                    step=0)
     checkpoint_extra = {
         "config": config.to_dict(),
         "backbone_config_json": model.backbone.config.to_json_string(),
@@ -109,10 +151,11 @@ def train_in_locked_folder(config, resume: bool, overwrite: bool) -> dict:
         "normalisation": {"mean": model.input_mean, "std": model.input_std},
         "train_list": training_list_identity(train_list),
         "wandb_run_id": tracker.run_id,
+        **({"init_from": init_source} if init_source else {}),
     }
     trainer = Trainer(model, objective, optimizer, scheduler, train_loader, validate, device, config.train.precision,
                       config.train.grad_clip, config.train.epochs, config.train.patience, run_dir, tracker,
-                      config.train.seed, checkpoint_extra, skip_log=skip_log)
+                      config.train.seed, checkpoint_extra, skip_log=skip_log, on_epoch_end=on_epoch_end)
     if resumed_from is not None:
         trainer.resume(resumed_from, last)
     try:

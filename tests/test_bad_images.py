@@ -6,6 +6,7 @@ see that an image arrived with its own label.
 
 import io
 import json
+import shutil
 import struct
 import zlib
 
@@ -215,7 +216,26 @@ def folders(tmp_path):
     return tmp_path
 
 
-def test_training_runs_on_every_kind_of_unusual_valid_image(folders, capsys):
+@pytest.fixture(scope="module")
+def trained_folders(tmp_path_factory):
+    """`folders` after one clean training run (`folder_run`), made once for the module: copy it before use."""
+    root = tmp_path_factory.mktemp("trained_folders")
+    write_tree(root / "train", num_classes=6)
+    write_tree(root / "test", num_classes=4, first_label=2)
+    assert run_cli("--mode", "train", *folder_run(root)) == 0
+    return root
+
+
+@pytest.fixture
+def trained_copy(trained_folders, tmp_path):
+    """A private copy of `trained_folders` (images and run folder), free to damage and to write into."""
+    shutil.copytree(trained_folders, tmp_path, dirs_exist_ok=True)
+    return tmp_path
+
+
+def test_training_runs_on_every_kind_of_unusual_valid_image_and_skips_only_the_bad_ones(folders, capsys):
+    """CMYK, 16-bit grey, palette with transparency, RGBA, EXIF-rotated and LA images train like any other; with
+    data.on_bad_image=skip the startup check leaves out exactly the two planted bad files, and lists them."""
     train = folders / "train"
     class_picture(0, seed=7).convert("CMYK").save(train / "c0/1.jpg")
     grey16 = (np.asarray(class_picture(1, seed=8).convert("L")).astype(np.uint16) * 257)
@@ -230,11 +250,17 @@ def test_training_runs_on_every_kind_of_unusual_valid_image(folders, capsys):
     class_picture(4, seed=11).save(train / "c4/1.jpg", exif=exif.tobytes())
     class_picture(5, seed=12).convert("LA").save(train / "c5/1.png")
     (train / "c5/1.jpg").unlink()
-    assert run_cli("--mode", "train", *folder_run(folders)) == 0
+    truncate(folders / "train/c3/2.jpg")
+    (folders / "train/c0/0.jpg").write_bytes(b"")
+    assert run_cli("--mode", "train", *folder_run(folders, "data.on_bad_image=skip")) == 0
     out = capsys.readouterr().out
-    assert "24 images, 0 bad" in out  # the full startup check decoded every one of them
+    assert "24 images, 2 bad" in out  # the full startup check decoded every one of them
+    assert "skipping 2 unreadable image(s)" in out
     assert (folders / "run" / "best.pt").is_file()
-    assert not (folders / "run" / "skipped_images.jsonl").exists()
+    lines = (folders / "run" / "skipped_images.jsonl").read_text().splitlines()
+    entries = sorted((entry["path"], entry["reason"], entry["when"]) for entry in map(json.loads, lines))
+    # no unusual image among them, neither at the startup check nor later in the loader
+    assert entries == [("c0/0.jpg", "empty", "startup check"), ("c3/2.jpg", "truncated", "startup check")]
 
 
 def test_startup_check_stops_training_before_the_model_naming_the_file(folders, capsys):
@@ -249,18 +275,7 @@ def test_startup_check_stops_training_before_the_model_naming_the_file(folders, 
     assert not (folders / "run" / "last.pt").exists()
 
 
-def test_startup_check_with_skip_leaves_bad_images_out_and_lists_them(folders, capsys):
-    truncate(folders / "train/c3/2.jpg")
-    (folders / "train/c0/0.jpg").write_bytes(b"")
-    assert run_cli("--mode", "train", *folder_run(folders, "data.on_bad_image=skip")) == 0
-    assert "skipping 2 unreadable image(s)" in capsys.readouterr().out
-    lines = (folders / "run" / "skipped_images.jsonl").read_text().splitlines()
-    entries = sorted((entry["path"], entry["reason"], entry["when"]) for entry in map(json.loads, lines))
-    assert entries == [("c0/0.jpg", "empty", "startup check"), ("c3/2.jpg", "truncated", "startup check")]
-
-
-@pytest.mark.parametrize("workers", [0, 1])
-def test_an_image_going_bad_mid_training_is_skipped_or_stops_the_run(folders, capsys, workers):
+def an_image_going_bad_mid_training_is_skipped_or_stops_the_run(folders, capsys, workers):
     """startup_check=none: the loader itself meets the bad file (in a worker process with workers=1)."""
     truncate(folders / "train/c1/3.jpg")
     common = ("data.startup_check=none", f"data.num_workers={workers}")
@@ -275,8 +290,13 @@ def test_an_image_going_bad_mid_training_is_skipped_or_stops_the_run(folders, ca
     assert json.loads(lines[0])["when"] == "epoch 1"  # met by the loader, listed once however often it comes up
 
 
-def test_eval_with_skip_states_how_many_images_were_evaluated(folders, capsys):
-    assert run_cli("--mode", "train", *folder_run(folders)) == 0
+def test_an_image_going_bad_mid_training_in_a_loader_worker_is_skipped_or_stops_the_run(folders, capsys):
+    an_image_going_bad_mid_training_is_skipped_or_stops_the_run(folders, capsys, workers=1)
+    # (workers=0: test_an_image_going_bad_mid_training_is_skipped_then_resume_keeps_one_skip_entry_per_image)
+
+
+def test_eval_with_skip_states_how_many_images_were_evaluated(trained_copy, capsys):
+    folders = trained_copy
     (folders / "test/c3/1.jpg").write_text("not an image")
     assert run_cli("--mode", "eval", *folder_run(folders)) == 1
     assert f"{folders / 'test/c3/1.jpg'}: not_an_image" in capsys.readouterr().err
@@ -401,10 +421,11 @@ def test_a_real_process_with_loader_workers_exits_after_a_bad_image(folders):
 
 
 # ---- follow-ups from review: resume, torn logs, header checks, depth, machine errors -----------------
-def test_resume_keeps_one_skip_entry_per_image_and_refuses_a_changed_training_list(folders, capsys):
-    truncate(folders / "train/c1/3.jpg")
+def test_an_image_going_bad_mid_training_is_skipped_then_resume_keeps_one_skip_entry_per_image(folders, capsys):
+    """In the main process (workers=0): the bad file stops the run, or with skip is listed once; a resume lists it
+    no second time, a resume whose startup check would drop it is refused, and --overwrite starts the log afresh."""
+    an_image_going_bad_mid_training_is_skipped_or_stops_the_run(folders, capsys, workers=0)
     skip = ("data.on_bad_image=skip", "data.startup_check=none")
-    assert run_cli("--mode", "train", *folder_run(folders, *skip)) == 0
     assert run_cli("--mode", "train", "--resume", *folder_run(folders, *skip, "train.epochs=2")) == 0
     log = folders / "run" / "skipped_images.jsonl"
     assert [json.loads(line)["when"] for line in log.read_text().splitlines()] == ["epoch 1"]  # met again in epoch 2
@@ -501,19 +522,20 @@ def test_a_single_k_is_accepted(folders):
     assert json.loads((folders / "run" / "untrained_report.json").read_text())["recall@1"] >= 0
 
 
-def test_a_non_finite_loss_stops_naming_the_step_and_leaves_the_last_checkpoint_intact(folders, capsys, monkeypatch):
+def test_a_non_finite_loss_stops_naming_the_step_and_leaves_the_last_checkpoint_intact(trained_copy, capsys,
+                                                                                       monkeypatch):
     import objective
 
-    assert run_cli("--mode", "train", *folder_run(folders)) == 0
+    folders = trained_copy
     last = folders / "run" / "last.pt"
     before = last.read_bytes()
     real_call = objective.MetricLearningObjective.__call__
     calls = []
 
-    def nan_on_the_second_step(self, embeddings, labels):
-        loss, count = real_call(self, embeddings, labels)
+    def nan_on_the_second_step(self, *args):
+        loss, signals = real_call(self, *args)
         calls.append(1)
-        return (loss * float("nan") if len(calls) == 2 else loss), count
+        return (loss * float("nan") if len(calls) == 2 else loss), signals
 
     monkeypatch.setattr(objective.MetricLearningObjective, "__call__", nan_on_the_second_step)
     assert run_cli("--mode", "train", "--resume", *folder_run(folders, "train.epochs=2")) == 1

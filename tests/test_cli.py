@@ -9,21 +9,10 @@ import pytest
 import torch
 
 import main
-from conftest import REPO_ROOT
+from conftest import DEMO_CONFIG, REPO_ROOT
 from checkpoint import load_checkpoint
 
 REPORT_KEYS = {"recall@1", "map@r", "r_precision", "mrr", "num_queries"}
-
-
-def demo_overrides(tmp_path, **extra):
-    values = {
-        "data.root": tmp_path / "demo_data", "data.demo_classes": 8, "data.demo_images_per_class": 4,
-        "data.image_size": 32, "data.val_fraction": 0.25, "data.classes_per_batch": 3, "data.images_per_class": 2,
-        "train.epochs": 2, "output.dir": tmp_path / "run", "wandb.mode": "disabled",
-        "eval.recall_ks": "[1,2,4]", "eval.map_ks": "[4]",  # 16 test images: every k must be <= 15
-    }
-    values.update(extra)
-    return [f"{key}={value}" for key, value in values.items()]
 
 
 def run_cli(*argv):
@@ -78,44 +67,45 @@ def test_eval_of_precomputed_embeddings_matches_brute_force_with_ties_and_duplic
     assert report["recall@59"] == 1.0  # k = N - 1 retrieves everything
 
 
-def test_train_writes_run_folder_then_resume_restores_optimiser_and_epoch(tmp_path):
-    assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml", *demo_overrides(tmp_path)) == 0
-    run = tmp_path / "run"
+def test_train_writes_run_folder_then_resume_continues_optimiser_and_epoch(trained_demo_run, tmp_path):
+    run = trained_demo_run.copy(tmp_path / "run")
     for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt"):
         assert (run / name).is_file(), name
+    steps_per_epoch = trained_demo_run.batches_per_epoch()  # printed from the sampler, before training
     first = load_checkpoint(run / "last.pt")
-    assert first["epoch"] == 2 and first["global_step"] > 0
+    assert first["epoch"] == 1 and first["global_step"] == steps_per_epoch > 0
     assert "recall@1" in first["metrics"]
     assert {"model", "optimizer", "scheduler", "scaler", "config"} <= set(first)
 
     # Resume with more epochs: the optimiser's moments continue from the saved ones, and the epoch count too.
-    assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml", "--resume",
-                   *demo_overrides(tmp_path, **{"train.epochs": 3})) == 0
+    assert run_cli("--mode", "train", "--config", DEMO_CONFIG, "--resume",
+                   *trained_demo_run.overrides(run, **{"train.epochs": 2})) == 0
     second = load_checkpoint(run / "last.pt")
-    assert second["epoch"] == 3
-    steps_per_epoch = first["global_step"] // 2
+    assert second["epoch"] == 2
     assert second["global_step"] == first["global_step"] + steps_per_epoch
     first_state, second_state = first["optimizer"]["state"], second["optimizer"]["state"]
     assert second_state[0]["step"].item() == first_state[0]["step"].item() + steps_per_epoch
-    assert len(second["history"]) == 3
+    assert len(second["history"]) == 2
 
 
-def test_resume_restores_exact_state_into_the_trainer(tmp_path):
-    assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml",
-                   *demo_overrides(tmp_path, **{"train.epochs": 1})) == 0
-    saved = load_checkpoint(tmp_path / "run" / "last.pt")
+def test_resume_restores_exact_state_into_the_trainer(trained_demo_run, tmp_path):
+    last = trained_demo_run.run_dir / "last.pt"
+    saved = load_checkpoint(last)
+    from config import load_config
     from model import build_embedder
-    from objective import MetricLearningObjective
+    from objective import objective_from_config
     from optimization import build_optimizer, warmup_cosine_schedule
     from trainer import Trainer
 
+    config = load_config(trained_demo_run.run_dir / "config.yaml")
     model = build_embedder("tiny", 32, 64)
-    optimizer = build_optimizer(model, 1e-3, 1.0, 0.05, torch.device("cpu"))
-    trainer = Trainer(model, MetricLearningObjective("triplet", "batchhard", 0.1, 0.0, 0.5, 0), optimizer,
-                      warmup_cosine_schedule(optimizer, 10, 1), None, None, torch.device("cpu"), "fp32", 1.0, 1, 0,
-                      tmp_path, None, 0, {})
-    trainer.resume(saved, tmp_path / "run" / "last.pt")
+    objective = objective_from_config(config.train, config.data.repeat_positives, np.arange(3), 64)
+    optimizer = build_optimizer(model, 1e-3, 1.0, 0.05, torch.device("cpu"), objective.parameters())
+    trainer = Trainer(model, objective, optimizer, warmup_cosine_schedule(optimizer, 10, 1), None, None,
+                      torch.device("cpu"), "fp32", 1.0, 1, 0, tmp_path, None, 0, {})
+    trainer.resume(saved, last)
     assert trainer.epoch == saved["epoch"] == 1
+    assert trainer.global_step == saved["global_step"] > 0
     assert trainer.scheduler.last_epoch == saved["scheduler"]["last_epoch"]
     for key, tensor in saved["optimizer"]["state"][0].items():
         assert torch.equal(optimizer.state_dict()["state"][0][key], tensor), key
@@ -123,22 +113,21 @@ def test_resume_restores_exact_state_into_the_trainer(tmp_path):
         assert torch.equal(model.state_dict()[name], tensor), name
 
 
-def test_existing_run_is_not_overwritten_silently(tmp_path, capsys):
-    overrides = demo_overrides(tmp_path, **{"train.epochs": 1})
-    assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml", *overrides) == 0
-    before = (tmp_path / "run" / "last.pt").stat().st_mtime_ns
-    assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml", *overrides) == 2
+def test_existing_run_is_not_overwritten_silently(trained_demo_run, tmp_path, capsys):
+    run = trained_demo_run.copy(tmp_path / "run")
+    before = (run / "last.pt").stat().st_mtime_ns
+    assert run_cli("--mode", "train", "--config", DEMO_CONFIG, *trained_demo_run.overrides(run)) == 2
     assert "--resume" in capsys.readouterr().err
-    assert (tmp_path / "run" / "last.pt").stat().st_mtime_ns == before
+    assert (run / "last.pt").stat().st_mtime_ns == before
 
 
-def test_eval_of_checkpoint_and_of_untrained_model_write_reports(tmp_path):
-    overrides = demo_overrides(tmp_path, **{"train.epochs": 1})
-    assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml", *overrides) == 0
-    assert run_cli("--mode", "eval", "--config", REPO_ROOT / "configs/demo.yaml", "--visualize", "3", *overrides) == 0
-    assert run_cli("--mode", "eval", "--config", REPO_ROOT / "configs/demo.yaml", "--checkpoint", "none", *overrides) == 0
-    trained = json.loads((tmp_path / "run" / "report.json").read_text())
-    untrained = json.loads((tmp_path / "run" / "untrained_report.json").read_text())
+def test_eval_of_checkpoint_and_of_untrained_model_write_reports(trained_demo_run, tmp_path):
+    run = trained_demo_run.copy(tmp_path / "run")
+    overrides = trained_demo_run.overrides(run)
+    assert run_cli("--mode", "eval", "--config", DEMO_CONFIG, "--visualize", "3", *overrides) == 0
+    assert run_cli("--mode", "eval", "--config", DEMO_CONFIG, "--checkpoint", "none", *overrides) == 0
+    trained = json.loads((run / "report.json").read_text())
+    untrained = json.loads((run / "untrained_report.json").read_text())
     for report in (trained, untrained):
         assert REPORT_KEYS | {"recall@2", "recall@4", "map@4"} <= set(report)
         assert all(0.0 <= report[key] <= 1.0 for key in REPORT_KEYS - {"num_queries"})
@@ -152,17 +141,17 @@ def test_eval_of_checkpoint_and_of_untrained_model_write_reports(tmp_path):
         assert 0 <= report["seconds_embed_to_first_batch"] <= report["seconds_embed_waiting_for_images"]
         assert report["seconds_embed_waiting_for_images"] <= report["seconds_embed"]
         assert report["seconds_embed_on_device"] is None  # measured on CUDA only
-    assert np.load(tmp_path / "run" / "test_embeddings.npy").shape == (16, 64)
-    paths = (tmp_path / "run" / "test_paths.txt").read_text().splitlines()
-    assert len(paths) == 16 and all((tmp_path / "demo_data" / path).is_file() for path in paths)
+    assert np.load(run / "test_embeddings.npy").shape == (16, 64)
+    paths = (run / "test_paths.txt").read_text().splitlines()
+    assert len(paths) == 16 and all((trained_demo_run.data_root / path).is_file() for path in paths)
     assert set(trained["recall@1_by_super_class"]) <= {str(s) for s in range(1, 9)}  # demo super class = shape
     from PIL import Image
 
-    with Image.open(tmp_path / "run" / "retrieval_examples.png") as grid:
+    with Image.open(run / "retrieval_examples.png") as grid:
         assert grid.height > grid.width / 9 * 2.5  # three query rows of 1 + 8 tiles
     for name in ("recall_at_k.png", "validation_curve.png", "untrained_recall_at_k.png"):
-        assert (tmp_path / "run" / name).is_file(), name
-    assert not (tmp_path / "run" / "untrained_retrieval_examples.png").exists()  # no --visualize there
+        assert (run / name).is_file(), name
+    assert not (run / "untrained_retrieval_examples.png").exists()  # no --visualize there
 
 
 def test_bad_override_is_a_one_line_error_before_any_work(tmp_path):
@@ -195,14 +184,14 @@ def test_missing_sop_root_is_an_error_and_generates_nothing(tmp_path, capsys):
     assert not root.exists()
 
 
-def test_checkpoint_from_another_model_definition_is_refused_with_the_difference(tmp_path, capsys):
-    overrides = demo_overrides(tmp_path, **{"train.epochs": 1})
-    assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml", *overrides) == 0
-    before = (tmp_path / "run" / "last.pt").read_bytes()
+def test_checkpoint_from_another_model_definition_is_refused_with_the_difference(trained_demo_run, tmp_path, capsys):
+    run = trained_demo_run.copy(tmp_path / "run")
+    overrides = trained_demo_run.overrides(run)
+    before = (run / "last.pt").read_bytes()
     changed = [*overrides, "model.embedding_dim=32"]
-    assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml", "--resume", *changed) == 2
+    assert run_cli("--mode", "train", "--config", DEMO_CONFIG, "--resume", *changed) == 2
     assert "model.embedding_dim: 64 in the checkpoint, 32 now" in capsys.readouterr().err
-    assert "embedding_dim: 64" in (tmp_path / "run" / "config.yaml").read_text()  # the run's config untouched
-    assert run_cli("--mode", "eval", "--config", REPO_ROOT / "configs/demo.yaml", *overrides, "data.image_size=48") == 2
+    assert "embedding_dim: 64" in (run / "config.yaml").read_text()  # the run's config untouched
+    assert run_cli("--mode", "eval", "--config", DEMO_CONFIG, *overrides, "data.image_size=48") == 2
     assert "data.image_size=48 was asked for, but checkpoint" in capsys.readouterr().err
-    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    assert (run / "last.pt").read_bytes() == before

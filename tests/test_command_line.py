@@ -59,7 +59,7 @@ def test_help_names_every_mode_with_its_purpose_and_where_keys_are_documented(ca
     with pytest.raises(SystemExit):
         main.parse_arguments(["--help"])
     text = capsys.readouterr().out
-    for mode, purpose in main.MODES.items():
+    for mode, (purpose, _) in main.MODES.items():
         assert f"{mode}  " in text and purpose in text
     assert "docs/configuration.md" in text
 
@@ -117,15 +117,12 @@ def test_a_newcomers_folder_catalogue_trains_and_evaluates_without_repeating_the
     assert "eval.recall_ks asks for k = 50" in capsys.readouterr().err
 
 
-def test_a_training_run_prints_progress_not_log_noise_and_best_pt_holds_only_the_model(tmp_path, capfd):
-    run = tmp_path / "run"
-    demo = [f"data.root={tmp_path}/demo", "data.demo_classes=8", "data.demo_images_per_class=4",
-            "data.classes_per_batch=3", "data.images_per_class=2", "data.val_fraction=0.25", f"output.dir={run}",
-            "eval.recall_ks=[1,2]", "eval.map_ks=[2]"]
-    assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml", *demo, *FAST) == 0
-    printed = capfd.readouterr()
-    assert "retrieval:" not in printed.out + printed.err  # the search's choices are --debug detail
-    assert "best validation recall@1" in printed.out
+def test_a_training_run_prints_progress_not_log_noise_and_best_pt_holds_only_the_model(trained_demo_run, tmp_path):
+    """The session's one-epoch demo run (conftest.trained_demo_run): what it printed, and what it saved."""
+    run = trained_demo_run.copy(tmp_path / "run")
+    demo = trained_demo_run.overrides(run)
+    assert "retrieval:" not in trained_demo_run.printed  # the search's choices are --debug detail
+    assert "best validation recall@1" in trained_demo_run.printed
 
     best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
     assert set(best) <= set(MODEL_ONLY_KEYS) and {"model", "config", "epoch", "metrics"} <= set(best)
@@ -137,20 +134,15 @@ def test_a_training_run_prints_progress_not_log_noise_and_best_pt_holds_only_the
     assert reports["best.pt"]["recall@1"] == reports["last.pt"]["recall@1"]
 
 
-def test_without_validation_classes_the_summary_says_so_instead_of_minus_infinity(tmp_path, capsys):
-    demo = [f"data.root={tmp_path}/demo", "data.demo_classes=6", "data.demo_images_per_class=4",
-            "data.classes_per_batch=3", "data.images_per_class=2", "data.val_fraction=0", f"output.dir={tmp_path}/run"]
-    assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml", *demo, *FAST) == 0
-    out = capsys.readouterr().out
-    assert "inf" not in out and "no validation split (best.pt is the last epoch)" in out
-
-
-def test_a_resumed_run_continues_its_wandb_run(tmp_path, capfd):
+def test_without_validation_classes_the_summary_says_so_and_a_resumed_run_continues_its_wandb_run(tmp_path, capfd):
     run = tmp_path / "run"
     demo = [f"data.root={tmp_path}/demo", "data.demo_classes=6", "data.demo_images_per_class=4",
             "data.classes_per_batch=3", "data.images_per_class=2", "data.val_fraction=0", f"output.dir={run}"]
     offline = [*FAST, "wandb.mode=offline"]
     assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml", *demo, *offline) == 0
+    first = capfd.readouterr()
+    # no validation classes: the summary says so instead of a best recall of minus infinity
+    assert "inf" not in first.out and "no validation split (best.pt is the last epoch)" in first.out
     first_id = load_checkpoint(run / "last.pt")["wandb_run_id"]
     assert first_id
     assert run_cli("--mode", "train", "--config", REPO_ROOT / "configs/demo.yaml", "--resume", *demo, *offline,
@@ -159,5 +151,6 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, capfd):
     run_folders = {path.name.rsplit("-", 1)[-1] for path in (run / "wandb").glob("offline-run-*")}
     assert run_folders == {first_id}
     printed = capfd.readouterr()
-    wandb_lines = [line for line in (printed.out + printed.err).splitlines() if line.startswith("wandb:")]
+    wandb_lines = [line for line in (first.out + first.err + printed.out + printed.err).splitlines()
+                   if line.startswith("wandb:")]
     assert len(wandb_lines) == 2, wandb_lines  # one line of ours per run, not wandb's banner and summary

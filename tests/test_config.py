@@ -69,3 +69,28 @@ def test_parse_override_reads_yaml_scalars():
     assert parse_override("a.b=true") == ("a.b", True)
     assert parse_override("a.b=") == ("a.b", "")
     assert parse_override("a.b=x=y") == ("a.b", "x=y")
+
+
+def test_mapping_keys_from_yaml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  loss: multi_similarity\n  loss_params: {alpha: 2, beta: 50}\n")
+    config = load_config(path, ["train.loss_params.beta=40", "train.miner_params={epsilon: 0.2}"])
+    assert dict(config.train.loss_params) == {"alpha": 2, "beta": 40}
+    assert dict(config.train.miner_params) == {"epsilon": 0.2}
+    assert config.is_explicit("train.loss_params") and config.is_explicit("train.miner_params")
+    assert config.to_dict()["train"]["loss_params"] == {"alpha": 2, "beta": 40}
+    with pytest.raises(TypeError):
+        config.train.loss_params["alpha"] = 3  # frozen like the rest
+    assert dict(load_config(path, ["train.loss_params={}"]).train.loss_params) == {}
+
+
+@pytest.mark.parametrize("override, named", [
+    ("train.loss_params=3", "expects a mapping"),
+    ("train.loss_params.alpha=[1,2]", "train.loss_params.alpha"),
+    ("train.loss_params.alpha=.nan", "finite"),
+    ("train.margin.alpha=1", "unknown config key 'train.margin.alpha'"),
+])
+def test_bad_mapping_values_are_one_line_errors(override, named):
+    with pytest.raises(ConfigError, match=None) as error:
+        load_config(None, [override])
+    assert named in str(error.value) and "\n" not in str(error.value)

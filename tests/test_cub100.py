@@ -34,9 +34,11 @@ def test_training_on_real_photos_beats_the_untrained_model_on_unseen_classes(tmp
         "data.format=sop", f"data.root={CUB}", f"data.train_list={tmp_path / 'Ebay_train.txt'}",
         f"data.test_list={tmp_path / 'Ebay_test.txt'}", "data.val_fraction=0.2", "data.image_size=64",
         "data.classes_per_batch=8", "data.images_per_class=4", "data.num_workers=0", "model.backbone=tiny",
-        "model.embedding_dim=64", "train.epochs=3", "train.lr=1e-4", "train.miner=all", "train.margin=0.3", "data.min_crop_scale=0.5", "train.head_lr_multiplier=1",
+        "model.embedding_dim=64", "train.epochs=2", "train.lr=1e-4", "train.miner=all", "train.margin=0.3", "data.min_crop_scale=0.5", "train.head_lr_multiplier=1",
         "train.precision=fp32", "train.device=cpu", "eval.batch_size=128", f"output.dir={tmp_path / 'run'}",
         "wandb.mode=disabled",
+        # Decoding every photo before training is test_checks.py's real-photo test; here it would only add time.
+        "data.startup_check=none",
     ]
     assert main.main(["--mode", "train", *overrides]) == 0
     assert main.main(["--mode", "eval", *overrides]) == 0

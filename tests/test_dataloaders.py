@@ -345,6 +345,43 @@ def test_random_triplet_batches_are_valid_and_cover_anchors():
 # ----------------------------------------------------------------------------- dataset + transforms
 
 
+def test_shuffle_batches_are_a_pure_function_of_seed_and_epoch_each_image_at_most_once():
+    from dataloaders.samplers import ShuffleBatchSampler
+
+    sampler = ShuffleBatchSampler(num_items=23, batch_size=5, seed=3)
+    assert len(sampler) == 4
+    plans = [sampler.epoch_plan(epoch) for epoch in (0, 0, 1)]
+    assert np.array_equal(plans[0], plans[1]) and not np.array_equal(plans[0], plans[2])
+    assert plans[0].shape == (4, 5) and len(np.unique(plans[0])) == 20 and plans[0].max() < 23
+    sampler.set_epoch(1)
+    sampler.set_start_batch(2)
+    assert _batches(sampler) == plans[2][2:].tolist()
+    assert sampler.repeat_rates(0) == {"repeated_slots": 0.0, "repeated_slots_within_batch": 0.0,
+                                       "batches_with_a_repeat": 0.0}
+    with pytest.raises(ValueError, match="no whole batch"):
+        ShuffleBatchSampler(num_items=4, batch_size=5, seed=0)
+
+
+def test_plan_repeat_rates_count_repeats_in_the_epoch_and_within_batches():
+    from dataloaders.samplers import plan_repeat_rates
+
+    plan = np.array([[0, 1, 2, 2],   # 2 twice in this batch: 1 slot repeated within the batch
+                     [3, 4, 0, 5],   # 0 seen in batch 0: repeated in the epoch, not within the batch
+                     [6, 7, 8, 9]])
+    assert plan_repeat_rates(plan) == pytest.approx({"repeated_slots": 2 / 12, "repeated_slots_within_batch": 1 / 12,
+                                                     "batches_with_a_repeat": 1 / 3})
+
+
+def test_pk_repeat_rates_on_the_real_sop_format_sample():
+    """Issue 14's measurement: epoch 0 of P=32, K=4 on the sample's class sizes repeats 23% of the slots."""
+    if not SOP_SAMPLE.is_dir():
+        pytest.skip(f"{SOP_SAMPLE} not present")
+    labels = read_sop_list(SOP_SAMPLE / "Ebay_train.txt", root=SOP_SAMPLE).labels
+    rates = PKBatchSampler(labels, 32, 4, seed=0).repeat_rates(0)
+    assert rates["repeated_slots"] == pytest.approx(0.23, abs=0.01)
+    assert rates["repeated_slots_within_batch"] == pytest.approx(0.055, abs=0.005)
+
+
 def test_image_dataset_with_train_and_eval_transforms(tmp_path):
     images = read_folder_tree(_make_tree(tmp_path / "tree", {"a": 3, "b": 2, "c": 2}, size=(40, 24)))
     for train in (True, False):

@@ -115,7 +115,7 @@ def test_compiled_backbone_gives_the_same_loss_and_gradients_as_the_plain_one():
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     losses = []
     for model in (plain, compiled):
-        loss, _ = MetricLearningObjective("triplet", "all", 0.5, 0.0, 0.5, seed=0)(model(pixels), labels)
+        loss, _ = MetricLearningObjective("triplet", "all", config_values={"train.margin": 0.5})(model(pixels), labels)
         loss.backward()
         losses.append(loss.item())
     assert captured_graphs  # the backbone really ran as compiled graphs

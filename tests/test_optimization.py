@@ -119,3 +119,14 @@ def test_warmup_cosine_schedule_rises_linearly_then_decays_to_zero():
     assert lrs[8] == pytest.approx(0.5) and lrs[12] == pytest.approx(0.0, abs=1e-12)
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
 
+
+
+def test_a_losss_own_parameters_are_a_last_group_at_their_lr_without_weight_decay():
+    from optimization import build_optimizer
+
+    model = build_embedder("tiny", 64, 8)
+    proxies = torch.nn.Parameter(torch.zeros(5, 8))
+    optimizer = build_optimizer(model, 1e-4, 10.0, 0.05, torch.device("cpu"), [proxies], loss_lr=1e-2)
+    assert len(optimizer.param_groups) == 5
+    last = optimizer.param_groups[-1]
+    assert last["params"] == [proxies] and last["lr"] == 1e-2 and last["weight_decay"] == 0.0

@@ -55,7 +55,7 @@ OVERRIDE = re.compile(r"[a-z_]+\.[a-z0-9_]+=.*")  # section.key=value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    modes = "\n".join(f"  {name:<6} {purpose}" for name, (purpose, _) in MODES.items())
+    modes = "\n".join(f"  {name:<7} {purpose}" for name, (purpose, _) in MODES.items())
     parser = argparse.ArgumentParser(
         description="Fine-tune and evaluate a Swinv2 image-retrieval model (deep metric learning).",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -209,28 +209,62 @@ class CapturedTrainStep:
     # ---- split: forward and backward graphs, the loss between them --------------------------------------
     def split_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
         if self.graphed_forward is None:
-            self.graphed_forward = self.capture_forward_backward(images)
-            if self.graphed_forward is None:
-                return self.eager_step(images, labels)
-        forward = self.graphed_forward if fits(self.static_images, images) else self.forward
-        return self.eager_step(images, labels, forward)
-
-    def capture_forward_backward(self, images: torch.Tensor):
-        self.static_images = static_batch_like(images, images.shape[0], self.device).copy_(images)
-        try:
-            # The rehearsals take gradients with torch.autograd.grad: they leave .grad and the weights alone.
-            return torch.cuda.make_graphed_callables(_AutocastForward(self.model, self.autocast), (self.static_images,),
-                                                     num_warmup_iters=max(1, self.warmup_steps))
-        except Exception as error:  # noqa: BLE001 - the same step runs uncaptured
-            torch.cuda.synchronize(self.device)
-            self.give_up(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-            return None
+            self.graphed_forward = GraphedForward(self.model, self.autocast, self.warmup_steps)
+        result = self.eager_step(images, labels, self.graphed_forward)
+        self.capture = self.graphed_forward.capture  # False once a capture failed
+        return result
 
     def give_up(self, why: str) -> bool:
         warnings.warn(f"capturing the training step ({self.strategy}) failed or cannot be done ({why}); "
                       f"training without CUDA graphs", stacklevel=4)
         self.capture = False
         return False
+
+
+class GraphedForward:
+    """`forward(images) -> embeddings` under autocast, whose forward and backward replay CUDA graphs on CUDA.
+
+    The `split` strategy's half of the step, and what `train.capture_step` gives the trainer, which runs its
+    own loss, backward, clipping and optimiser step around it (one code path whether captured or not): the
+    backward of the returned embeddings replays the captured backward.
+
+    The graphs are captured at the first call (after `warmup_steps` rehearsals by make_graphed_callables; they
+    take gradients with torch.autograd.grad, so they leave .grad and the weights alone) for that batch's shape.
+    A batch of another shape, a device other than CUDA, or a capture that failed (one warning) runs the model
+    as it is. Only in one process: DistributedDataParallel's gradient hooks are not captured.
+    """
+
+    def __init__(self, model: nn.Module, autocast: Callable[[], AbstractContextManager], warmup_steps: int = 3,
+                 capture: bool | None = None):
+        self.model, self.autocast, self.warmup_steps = model, autocast, warmup_steps
+        self.device = next(model.parameters()).device
+        self.capture = self.device.type == "cuda" if capture is None else capture
+        self.static_images: torch.Tensor | None = None
+        self.graphed = None
+
+    def eager(self, images: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.model(images)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.capture and self.graphed is None:
+            self.graphed = self.capture_forward_backward(images)
+        if self.graphed is not None and fits(self.static_images, images):
+            return self.graphed(images)
+        return self.eager(images)
+
+    def capture_forward_backward(self, images: torch.Tensor):
+        self.static_images = static_batch_like(images, images.shape[0], self.device).copy_(images)
+        try:
+            return torch.cuda.make_graphed_callables(_AutocastForward(self.model, self.autocast), (self.static_images,),
+                                                     num_warmup_iters=max(1, self.warmup_steps))
+        except Exception as error:  # noqa: BLE001 - the same forward runs uncaptured
+            torch.cuda.synchronize(self.device)
+            warnings.warn(f"capturing the model's forward and backward failed ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}); training without CUDA graphs",
+                          stacklevel=3)
+            self.capture = False
+            return None
 
 
 def fits(static: torch.Tensor | None, images: torch.Tensor) -> bool:

@@ -71,7 +71,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "device": "auto",  # auto | cpu | cuda | cuda:N
         "compile": False,  # torch.compile the backbone (first step takes minutes; then much faster on GPU)
         "grad_checkpointing": False,  # recompute activations in backward: less memory, ~30% more compute
+        "capture_step": False,  # on CUDA, the model's forward and backward replayed from CUDA graphs (not fp16)
         "tf32": True,  # TF32 matmuls for whatever still runs in fp32 on Ampere/Hopper GPUs
+        "cross_rank_mining": True,  # several processes (torchrun): mine and score the global batch, not each share
     },
     "eval": {
         "recall_ks": [1, 10, 100, 1000],
@@ -295,6 +297,8 @@ def _validate(values: dict) -> None:
         ("train.warmup_fraction", 0 <= values["train"]["warmup_fraction"] < 1, "must be in [0, 1)"),
         ("train.grad_clip", values["train"]["grad_clip"] >= 0, "must be non-negative (0 = off)"),
         ("train.patience", values["train"]["patience"] >= 0, "must be non-negative (0 = off)"),
+        ("train.capture_step", not (values["train"]["capture_step"] and values["train"]["precision"] == "fp16"),
+         "needs train.precision bf16 or fp32 (fp16's gradient scaler cannot be captured in a CUDA graph)"),
         ("model.embedding_dim", values["model"]["embedding_dim"] >= 0, "must be >= 1, or 0 for no projection head"),
         ("data.image_size", values["data"]["image_size"] >= 16, "must be at least 16 pixels"),
         ("data.min_crop_scale", 0 < values["data"]["min_crop_scale"] <= 1, "must be in (0, 1]"),
@@ -424,9 +428,12 @@ KEY_DOCS: dict[str, str] = {
     "data.repeat_positives": "`pk` fills a class with fewer than K images with repeats (new augmentations of the "
                              "same file); `skip` keeps such an image-and-its-repeat pair out of the positives "
                              "the miner and a pair loss see, `allow` counts it (docs/training.md)",
-    "data.classes_per_batch": "P: distinct classes per batch (`pk` sampler; with `shuffle`, P x K is the batch size)",
+    "data.classes_per_batch": "P: distinct classes per batch (`pk` sampler; with `shuffle`, P x K is the batch size); "
+                              "with several processes (torchrun) the global batch's P, split evenly over them "
+                              "(docs/distributed.md)",
     "data.images_per_class": "K: images per class in a batch (`pk` sampler)",
-    "data.triplets_per_batch": "`triplets` sampler: a batch holds 3 x this many images",
+    "data.triplets_per_batch": "`triplets` sampler: a batch holds 3 x this many images (the global batch's, with "
+                               "several processes)",
     "data.num_workers": "loader processes; -1 = one per CPU core this process may use",
     "data.cache_dir": "read images from this downsized copy (built by `--mode cache`); `\"\"` = the originals",
     "data.on_bad_image": "an image that cannot be read: `error` stops with one line naming the file; `skip` leaves it "
@@ -484,6 +491,13 @@ KEY_DOCS: dict[str, str] = {
     "train.compile": "`torch.compile` the backbone for training (the first step takes minutes; "
                      "`configs/sop.yaml` turns it on)",
     "train.grad_checkpointing": "recompute activations in the backward pass: less memory, more compute",
+    "train.capture_step": "on CUDA, replay the model's forward and backward from CUDA graphs captured after 3 "
+                          "warm-up rehearsals (`captured_step`, strategy `split`); the loss and its miner, clipping "
+                          "and AdamW run as usual between them. bf16 or fp32 only, one process; a batch of another "
+                          "shape, or a failed capture (with a warning), runs uncaptured. No effect on the CPU",
+    "train.cross_rank_mining": "with several processes (torchrun): gather every process's embeddings so that the miner "
+                               "and the loss see the whole global batch, as one process would (gradients through each "
+                               "process's own rows); false = each process mines its own share. No effect in one process",
     "train.tf32": "TF32 tensor cores for whatever still runs in fp32 on Ampere/Hopper GPUs "
                   "(the exact kNN search always runs in IEEE fp32)",
     "eval.recall_ks": "the k of Recall@k; a default k that a split is too small for is left out with a note, "

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from distributed import gather_objects, is_main_process
 from graphed_inference import inference_forward
 from metrics import relevant_counts, retrieval_metrics
 from retrieval import nearest_neighbours
@@ -104,7 +105,8 @@ def extract_embeddings(model: nn.Module, loader, device: torch.device, precision
     def autocast():
         return autocast_context(device, precision, cache_enabled=False)
     waited, first_wait, asked = 0.0, None, time.perf_counter()
-    for images, batch_labels, batch_indices, batch_skipped in tqdm(loader, desc=description, leave=False, unit="batch"):
+    for images, batch_labels, batch_indices, batch_skipped in tqdm(loader, desc=description, leave=False, unit="batch",
+                                                                   disable=not is_main_process()):
         waited += time.perf_counter() - asked
         first_wait = waited if first_wait is None else first_wait
         skipped += batch_skipped
@@ -126,6 +128,22 @@ def extract_embeddings(model: nn.Module, loader, device: torch.device, precision
         empty = torch.empty(0, dtype=torch.long)
         return Embedded(torch.empty(0, 0), empty, empty, skipped, **timing)
     return Embedded(torch.cat(embeddings).cpu(), torch.cat(labels).long(), torch.cat(indices).long(), skipped, **timing)
+
+
+def gather_embedded(embedded: Embedded) -> Embedded:
+    """Every process's shard (`distributed.shard_of_batches`, rank order = list order) joined into the whole
+    split's Embedded, on every process; the shard itself in one process. Timings are rank 0's own."""
+    shards = gather_objects((embedded.embeddings, embedded.labels, embedded.indices, embedded.skipped))
+    if len(shards) == 1:
+        return embedded
+    kept = [shard for shard in shards if len(shard[1])]  # a shard whose images were all skipped adds none
+    skipped = [item for shard in shards for item in shard[3]]
+    if not kept:
+        empty = torch.empty(0, dtype=torch.long)
+        return embedded._replace(embeddings=torch.empty(0, 0), labels=empty, indices=empty, skipped=skipped)
+    return embedded._replace(embeddings=torch.cat([shard[0] for shard in kept]),
+                             labels=torch.cat([shard[1] for shard in kept]),
+                             indices=torch.cat([shard[2] for shard in kept]), skipped=skipped)
 
 
 class NothingToEvaluateError(ValueError):

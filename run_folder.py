@@ -18,7 +18,7 @@ LOCK_FILE = ".run.lock"
 # What the program writes into a run folder; --overwrite removes these and nothing else.
 RUN_OUTPUTS = ("last.pt", "best.pt", "config.yaml", "metrics.jsonl", "skipped_images.jsonl", "data_check.json",
                "demo_report.json", "validation_curve.png", "*report.json", "*test_embeddings.npy", "*test_labels.npy",
-               "*test_paths.txt", "*recall_at_k.png", "*retrieval_examples.png", ".*.pt.*.tmp")
+               "*test_paths.txt", "*recall_at_k.png", "*retrieval_examples.png", ".*.pt.*.tmp", "interrupted.txt")
 _held: dict[Path, int] = {}  # folders this process holds, with how many nested holds
 
 

@@ -15,6 +15,9 @@ from tqdm import tqdm
 
 from checkpoint import model_only as model_only_state
 from checkpoint import CheckpointError, save_checkpoint_atomically, weights_digest
+from distributed import (SINGLE_PROCESS, Processes, any_rank, average_gradients, barrier, gather_rows,
+                         mean_over_ranks, wrap_for_training)
+from captured_step import GraphedForward
 from evaluation import autocast_context
 from health import EpochSignals, collapse_warning, embedding_spread
 
@@ -45,13 +48,27 @@ class Trainer:
             unreadable (`data.on_bad_image=skip`); None when the loader never skips.
         on_epoch_end: called with each epoch's record once its checkpoints are saved; returning True stops
             training there (`--mode tune` prunes unpromising trials with it). None = never.
+        processes: this process's rank among several (torchrun): the model is then trained through
+            DistributedDataParallel, and only rank 0 writes checkpoints. cross_rank_mining: the miner and the
+            loss see the global batch, gathered from every rank (docs/distributed.md).
+        capture_step: on CUDA, the forward and its backward replay CUDA graphs captured at the first step (so
+            after a resume); the rest of the step is the same code (`train.capture_step`, one process).
     """
 
     def __init__(self, model: nn.Module, objective, optimizer, scheduler, train_loader,
                  validate: Callable[[nn.Module], dict] | None, device: torch.device, precision: str,
                  grad_clip: float, epochs: int, patience: int, run_dir: Path, tracker, seed: int,
-                 checkpoint_extra: dict, skip_log=None, on_epoch_end: Callable[[dict], bool] | None = None):
+                 checkpoint_extra: dict, skip_log=None, on_epoch_end: Callable[[dict], bool] | None = None,
+                 processes: Processes = SINGLE_PROCESS, cross_rank_mining: bool = True, capture_step: bool = False):
         self.model, self.objective = model, objective
+        self.processes, self.cross_rank_mining = processes, cross_rank_mining and processes.distributed
+        # What the step calls: the model itself in one process, its DDP wrapper in several.
+        self.training_model = wrap_for_training(model, processes, device, self.cross_rank_mining)
+        # images -> embeddings under autocast: the model as it is, or (capture_step) replayed from CUDA graphs,
+        # whose capture needs autocast without its weight-cast cache.
+        self.forward = GraphedForward(self.training_model,
+                                      lambda: autocast_context(device, precision, cache_enabled=not capture_step),
+                                      capture=capture_step and device.type == "cuda")
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.validate = train_loader, validate
         self.device, self.precision, self.grad_clip = device, precision, grad_clip
@@ -82,17 +99,27 @@ class Trainer:
         """
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        with autocast_context(self.device, self.precision):
-            embeddings = self.model(images)  # (B, D) float32, unit norm
+        embeddings = self.forward(images)  # (B, D) float32, unit norm
+        if self.cross_rank_mining:  # the global batch, rank 0's rows first: as one process would see it
+            row_ids = labels[:, None] if sources is None else torch.stack([labels, sources.to(self.device)], 1)
+            embeddings, row_ids = gather_rows(embeddings, row_ids)
+            labels, sources = row_ids[:, 0], (None if sources is None else row_ids[:, 1])
         # Checked before mining: a miner's argmax over NaN distances picks garbage indices, not a clear stop.
-        if not bool(torch.isfinite(embeddings).all()):  # note: a CPU-GPU sync point
+        finite = bool(torch.isfinite(embeddings).all())  # note: a CPU-GPU sync point
+        if self.processes.distributed and not self.cross_rank_mining:  # every rank stops, or none
+            finite = not any_rank(not finite, self.device)
+        if not finite:
             raise NonFiniteLossError(self._diverged("the embeddings are NaN or infinite"))
         loss, signals = self.objective(embeddings, labels, sources)
-        loss_value = loss.item()  # note: a CPU-GPU sync point, needed for the finiteness check
+        # Each rank's own loss is averaged for the log (and the stop); a cross-rank loss is the same everywhere.
+        shown_loss = mean_over_ranks(loss) if self.processes.distributed and not self.cross_rank_mining else loss
+        loss_value = shown_loss.item()  # note: a CPU-GPU sync point, needed for the finiteness check
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(self._diverged(f"the loss is {loss_value}"))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.processes.distributed and not self.cross_rank_mining:
+            average_gradients(self.objective.parameters())  # proxies: DDP sees the model's parameters only
         self.scaler.unscale_(self.optimizer)
         # With grad_clip 0 this only measures the norm.
         gradient_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or math.inf)
@@ -118,10 +145,11 @@ class Trainer:
         sampler.set_epoch(self.epoch)
         start = self.batches_done_in_epoch
         sampler.set_start_batch(start)  # a run stopped mid-epoch continues with the batch after the last one
-        # Seeds the workers' augmentation when they start (each epoch unless workers are persistent).
-        self.train_loader.generator.manual_seed(self.seed * 100_003 + self.epoch)
+        # Seeds the workers' augmentation when they start (each epoch unless workers are persistent); each rank's
+        # workers draw their own numbers (rank 0's are those of a single process).
+        self.train_loader.generator.manual_seed(self.seed * 100_003 + self.epoch + 1_000_003 * self.processes.rank)
         progress = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", unit="batch", initial=start,
-                        total=len(sampler), dynamic_ncols=True)
+                        total=len(sampler), dynamic_ncols=True, disable=not self.processes.is_main)
         total_loss, total_images, steps_run, started = 0.0, 0, 0, time.perf_counter()
         signals = EpochSignals()
         for step_in_epoch, (images, labels, sources, skipped) in enumerate(progress, start=start + 1):
@@ -142,7 +170,7 @@ class Trainer:
                                       "train/images_per_second": images_per_second,
                                       "epoch": self.epoch + step_in_epoch / len(sampler)}, step=self.global_step)
             self.batches_done_in_epoch = step_in_epoch
-            if self.stop_signal is not None:
+            if self._stop_agreed():
                 self.stop_at_step_boundary()
         if steps_run == 0 and len(sampler) > start:
             raise NoTrainingImagesError(f"epoch {self.epoch + 1}: no training image could be read (all skipped "
@@ -167,6 +195,15 @@ class Trainer:
         self.save("last.pt", {})
         raise TrainingInterrupted(f"stopped by {self.stop_signal} after {progress_note}; "
                                   f"{self.run_dir / 'last.pt'} saved: continue with --resume")
+
+    def _stop_agreed(self) -> bool:
+        """Whether to stop at this step boundary: a stop signal reached this process, or (with several) any of
+        them, so that every rank stops after the same step."""
+        if not self.processes.distributed:
+            return self.stop_signal is not None
+        if any_rank(self.stop_signal is not None, self.device) and self.stop_signal is None:
+            self.stop_signal = "a stop signal to another process"
+        return self.stop_signal is not None
 
     def _request_stop(self, signum, frame) -> None:
         # Only a flag: the step in flight finishes, then the loop saves and stops at the boundary.
@@ -204,7 +241,8 @@ class Trainer:
                        f"{summary.get('train/embedding_spread', math.nan):.3f}, "
                        f"active {100 * summary.get('train/active_fraction', math.nan):.1f}%{shown}"
                        + (" (best)" if improved and validation else ""))
-            warning = collapse_warning(record, self.history[0])
+            has_proxies = any(True for _ in self.objective.parameters())
+            warning = collapse_warning(record, self.history[0], proxy_loss=has_proxies)
             if warning and not self.warned_collapse:  # once per process: the advice does not change
                 tqdm.write(warning)
                 self.warned_collapse = True
@@ -250,8 +288,10 @@ class Trainer:
         if not all(bool(torch.isfinite(parameter).all()) for parameter in self.model.parameters()):
             raise NonFiniteLossError(f"the weights are NaN or infinite after step {self.global_step}: not saving "
                                      f"{name}, which keeps its last finite state. Lower train.lr.")
-        state = self.state(metrics)
-        save_checkpoint_atomically(model_only_state(state) if model_only else state, self.run_dir / name)
+        if self.processes.is_main:  # the ranks' weights are the same: one writes, the others wait for it
+            state = self.state(metrics)
+            save_checkpoint_atomically(model_only_state(state) if model_only else state, self.run_dir / name)
+        barrier()
 
     def resume(self, checkpoint: dict, source: Path) -> None:
         """Restore model, optimiser, scheduler, scaler, RNGs, epoch (and position in it) and early-stopping state.

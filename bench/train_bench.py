@@ -130,8 +130,9 @@ def pk_batch(config: Swinv2Config, device: torch.device, batch: int) -> tuple[to
 
 def our_step_runner(config: Swinv2Config, device: torch.device, batch: int, precision: str, attention: str,
                     grad_checkpointing: bool, compile_backbone: bool, tf32: bool, compile_backend: str = "inductor",
-                    shared: bool = False):
-    """shared: train the shared model of (attention, compile_backbone) instead of a fresh one."""
+                    shared: bool = False, capture_step: bool = False):
+    """shared: train the shared model of (attention, compile_backbone) instead of a fresh one.
+    capture_step: the trainer's forward and backward from CUDA graphs (`train.capture_step`)."""
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     if shared:
@@ -143,7 +144,7 @@ def our_step_runner(config: Swinv2Config, device: torch.device, batch: int, prec
     scheduler = warmup_cosine_schedule(optimizer, 10_000, 100)
     objective = MetricLearningObjective("triplet", "batchhard", config_values={"train.margin": 0.1})
     trainer = Trainer(model, objective, optimizer, scheduler, None, None, device, precision, 1.0, 1, 0,
-                      Path("."), None, 0, {})
+                      Path("."), None, 0, {}, capture_step=capture_step)
     images, labels = pk_batch(config, device, batch)
     return (lambda: trainer.train_step(images, labels)), len(labels)
 
@@ -300,6 +301,10 @@ def main() -> None:
          lambda: captured_step_runner(config, device, batch, precision, "sdpa", "whole", "static", None, backend)),
         ("captured split step (forward and backward graphs; PML objective): SDPA + torch.compile", "train",
          lambda: captured_step_runner(config, device, batch, precision, "sdpa", "split", "pml", None, backend)),
+        ("captured trainer step (train.capture_step: forward and backward graphs; PML objective): "
+         "SDPA + torch.compile", "train",
+         lambda: our_step_runner(config, device, batch, precision, "sdpa", False, True, True, backend, shared=True,
+                                 capture_step=True)),
         *(sweep_rows if arguments.sweep_compile and arguments.sweep_attention == "sdpa" else []),
         ("embed bf16: SDPA + torch.compile", "embed",
          lambda: embed_runner(config, device, embed_batch, "sdpa", True, compile_backend=backend)),

@@ -72,12 +72,16 @@ def resolve_image_lists(data, seed: int, need_train: bool, need_test: bool, igno
     return train, validation, test
 
 
-def evaluation_loader(image_list, data, batch_size: int, device: torch.device) -> torch.utils.data.DataLoader:
-    """Every image once, in list order, with the evaluation transforms."""
+def evaluation_loader(image_list, data, batch_size: int, device: torch.device,
+                      items: range | None = None) -> torch.utils.data.DataLoader:
+    """Every image once (or those at positions `items`: a process's shard), in list order, with the evaluation
+    transforms."""
     workers = worker_count(data.num_workers)
     dataset = ImageDataset(image_list, build_transforms(data.image_size, train=False),
                            decode_size(data.image_size, train=False), skip_bad_images=data.on_bad_image == "skip",
                            allow_outside_root=data.allow_outside_root, max_image_bytes=data.max_image_bytes)
+    if items is not None:  # items keep their list positions: the loader yields those as indices
+        dataset = torch.utils.data.Subset(dataset, items)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                                        worker_init_fn=ignore_stop_signals, collate_fn=collate_skipping_bad_images)
@@ -99,8 +103,13 @@ def batch_shape_hint(data, num_images: int, usable_classes: int) -> str:
             f"use more training data, or a smaller data.val_fraction")
 
 
-def training_loader(image_list, data, seed: int, device: torch.device) -> torch.utils.data.DataLoader:
-    """Batches from the configured sampler (P x K classes by default), with the training transforms."""
+def training_loader(image_list, data, seed: int, device: torch.device, rank: int = 0,
+                    world_size: int = 1) -> torch.utils.data.DataLoader:
+    """Batches from the configured sampler (P x K classes by default), with the training transforms.
+
+    rank, world_size: with several processes, each loads its rank's share of every global batch (the
+    configured batch is the global one).
+    """
     import numpy as np
 
     batch_images = (3 * data.triplets_per_batch if data.sampler == "triplets"
@@ -122,6 +131,10 @@ def training_loader(image_list, data, seed: int, device: torch.device) -> torch.
     except ValueError as error:  # e.g. P larger than the number of usable classes
         raise UsageError(f"training split of {len(image_list)} images: {error}; "
                          f"{batch_shape_hint(data, len(image_list), usable_classes)}") from None
+    try:
+        batch_sampler.set_rank_share(rank, world_size)
+    except ValueError as error:  # the global batch must split evenly over the processes
+        raise UsageError(f"{error} (the configured batch is the global one, shared by all processes)") from None
     workers = worker_count(data.num_workers)
     dataset = ImageDataset(image_list, build_transforms(data.image_size, train=True, min_crop_scale=data.min_crop_scale),
                            decode_size(data.image_size, train=True, min_crop_scale=data.min_crop_scale),

@@ -4,6 +4,10 @@ All samplers yield lists of item indices; use them as `DataLoader(dataset, batch
 An epoch's plan is a pure function of (seed, epoch), so runs are reproducible and a resumed run
 replays the same batches (`set_epoch` + `set_start_batch`). As with DistributedSampler, call
 `set_epoch(epoch)` before each epoch, otherwise every epoch repeats the plan of epoch 0.
+
+With several processes (`set_rank_share`), the plan is the global one, the same in every process, and each
+rank yields its own disjoint share of every global batch: the shares of the ranks together are the
+single-process plan.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class _EpochPlanSampler(Sampler[list[int]]):
         self.epoch = 0
         self._num_batches = num_batches
         self._start_batch = 0
+        self.rank, self.world_size = 0, 1
 
     def __len__(self) -> int:
         """Batches per epoch; the same every epoch."""
@@ -51,6 +56,32 @@ class _EpochPlanSampler(Sampler[list[int]]):
             raise ValueError(f"start batch must be in [0, {len(self)}], got {num_batches}")
         self._start_batch = num_batches
 
+    def set_rank_share(self, rank: int, world_size: int) -> None:
+        """Yield only rank's share of each global batch (`share_positions`), from now on.
+
+        Raises ValueError when the batch does not split evenly into whole units (classes, triplets, images).
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        units, name = self._share_units()
+        if units % world_size:
+            raise ValueError(f"{name} = {units} does not split evenly over {world_size} processes: make it a "
+                             f"multiple of the number of processes")
+        self.rank, self.world_size = rank, world_size
+
+    def share_positions(self, rank: int) -> np.ndarray:
+        """int64: positions in a global batch that `rank` takes (of `world_size`), in order. Default: a
+        contiguous slice, so that the ranks' shares in rank order are the global batch in its order."""
+        size = self._share_units()[0] * self._unit_items() // self.world_size
+        return np.arange(rank * size, (rank + 1) * size)
+
+    def _share_units(self) -> tuple[int, str]:
+        """(units a batch is split in, their config key): a share holds whole units."""
+        raise NotImplementedError
+
+    def _unit_items(self) -> int:
+        return 1
+
     def epoch_plan(self, epoch: int) -> np.ndarray:
         """int64 [num_batches, batch_size]: the batches of `epoch`, in order."""
         return self._plan(np.random.default_rng((self.seed, epoch)))
@@ -61,7 +92,10 @@ class _EpochPlanSampler(Sampler[list[int]]):
 
     def __iter__(self):
         start = self._start_batch  # read now, not lazily inside the generator
-        return (batch.tolist() for batch in self.epoch_plan(self.epoch)[start:])
+        plan = self.epoch_plan(self.epoch)[start:]
+        if self.world_size > 1:
+            plan = plan[:, self.share_positions(self.rank)]
+        return (batch.tolist() for batch in plan)
 
     def _plan(self, rng: np.random.Generator) -> np.ndarray:
         raise NotImplementedError
@@ -128,6 +162,12 @@ class PKBatchSampler(_EpochPlanSampler):
         self.classes_per_batch, self.images_per_class = classes_per_batch, images_per_class
         self._num_chunks = np.array([-(-m.size // images_per_class) for m in self._members])
         super().__init__(int(self._num_chunks.sum()) // classes_per_batch, seed)
+
+    def _share_units(self) -> tuple[int, str]:
+        return self.classes_per_batch, "data.classes_per_batch (P, the global batch's classes)"
+
+    def _unit_items(self) -> int:
+        return self.images_per_class  # a share is whole classes: P / world_size classes x K images
 
     def _plan(self, rng: np.random.Generator) -> np.ndarray:
         P, K, B = self.classes_per_batch, self.images_per_class, self._num_batches
@@ -233,6 +273,15 @@ class RandomTripletBatchSampler(_EpochPlanSampler):
             )
         super().__init__(self._anchors.size // triplets_per_batch, seed)
 
+    def _share_units(self) -> tuple[int, str]:
+        return self.triplets_per_batch, "data.triplets_per_batch"
+
+    def share_positions(self, rank: int) -> np.ndarray:
+        """The rank's slice of the anchors, then of their positives and negatives: whole triplets, laid out as
+        a batch is."""
+        T, share = self.triplets_per_batch, self.triplets_per_batch // self.world_size
+        return np.concatenate([np.arange(part * T + rank * share, part * T + (rank + 1) * share) for part in range(3)])
+
     def _plan(self, rng: np.random.Generator) -> np.ndarray:
         B, T = self._num_batches, self.triplets_per_batch
         anchor = rng.permutation(self._anchors)[: B * T]
@@ -259,6 +308,9 @@ class ShuffleBatchSampler(_EpochPlanSampler):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.num_items, self.batch_size = num_items, batch_size
         super().__init__(num_items // batch_size, seed)
+
+    def _share_units(self) -> tuple[int, str]:
+        return self.batch_size, "data.classes_per_batch x data.images_per_class"
 
     def _plan(self, rng: np.random.Generator) -> np.ndarray:
         B, S = self._num_batches, self.batch_size

@@ -20,7 +20,10 @@ def run_from_arguments(config, arguments) -> None:
             raise UsageError("--embeddings and --labels go together")
         run_eval_embeddings(config, arguments.embeddings, arguments.labels, arguments.output, arguments.visualize)
     else:
-        run_eval(config, arguments.checkpoint, arguments.output, arguments.visualize)
+        from distributed import launched_processes
+
+        with launched_processes(config.eval.device) as processes:  # one, or those torchrun started
+            run_eval(config, arguments.checkpoint, arguments.output, arguments.visualize, processes)
 
 
 def ks_that_fit(config, num_items: int, what: str) -> tuple[list[int], list[int]]:
@@ -212,34 +215,42 @@ def run_eval_embeddings(config, embeddings_path: Path, labels_path: Path, output
     return report
 
 
-def run_eval(config, checkpoint_arg: str | None, output: Path | None, visualize: int = 0) -> dict:
-    """Evaluate while holding the folder its outputs go to (see `output_place`)."""
+def run_eval(config, checkpoint_arg: str | None, output: Path | None, visualize: int = 0, processes=None) -> dict:
+    """Evaluate while holding the folder its outputs go to (see `output_place`); with several processes
+    (torchrun), rank 0 holds it and writes, and returns the report ({} on the other ranks)."""
+    from contextlib import nullcontext
+
+    from distributed import SINGLE_PROCESS
     from run_folder import require_writable_file, run_folder_lock
 
-    if output is not None:
+    processes = processes or SINGLE_PROCESS
+    if output is not None and processes.is_main:
         require_writable_file(output, "--output")
     folder, prefix, report_path = output_place(Path(config.output.dir), checkpoint_arg, output)
-    with run_folder_lock(folder, "eval"):
-        return evaluate_test_split(config, checkpoint_arg, folder, prefix, report_path, visualize)
+    with run_folder_lock(folder, "eval") if processes.is_main else nullcontext():
+        return evaluate_test_split(config, checkpoint_arg, folder, prefix, report_path, visualize, processes)
 
 
 def evaluate_test_split(config, checkpoint_arg: str | None, run_dir: Path, prefix: str, report_path: Path,
-                        visualize: int) -> dict:
+                        visualize: int, processes=None) -> dict:
     entered = time.perf_counter()  # before the imports below: on a first call they are much of the setup
     import numpy as np
 
     from dataloaders import SkippedImageLog, stop_loader_workers
     from dataloaders.loaders import evaluation_loader, resolve_image_lists
     from dataloaders.skipped_images import SKIPPED_IMAGES_FILE
-    from evaluation import evaluate_embeddings, extract_embeddings, require_queries, write_report
+    from distributed import SINGLE_PROCESS, main_process_first, shard_of_batches
+    from evaluation import evaluate_embeddings, extract_embeddings, gather_embedded, require_queries, write_report
     from model import apply_speed_options
     from runtime import configure_matmul_precision, select_device
     from tracking import Tracker
 
     imported = time.perf_counter()
-    device = select_device(config.eval.device, "eval.device")
+    processes = processes or SINGLE_PROCESS
+    device = processes.device(select_device(config.eval.device, "eval.device"))
     config, checkpoint, description = checkpoint_to_evaluate(config, checkpoint_arg)
-    _, _, test_list = resolve_image_lists(config.data, config.train.seed, need_train=False, need_test=True)
+    with main_process_first():  # rank 0 generates the demo data, if any, before the others read it
+        _, _, test_list = resolve_image_lists(config.data, config.train.seed, need_train=False, need_test=True)
     recall_ks, map_ks = ks_that_fit(config, len(test_list), "test split")
     configure_matmul_precision(device, config.train.tf32)
     listed = time.perf_counter()
@@ -247,7 +258,9 @@ def evaluate_test_split(config, checkpoint_arg: str | None, run_dir: Path, prefi
     del checkpoint  # its weights now live in the model
     apply_speed_options(model, config.model.attention, compile_backbone=config.eval.compile)
     model = model.to(device)  # the device starts here
-    loader = evaluation_loader(test_list, config.data, config.eval.batch_size, device)
+    # Each process embeds its shard of whole batches; rank 0 gets them all back in list order.
+    shard = shard_of_batches(len(test_list), config.eval.batch_size, processes) if processes.distributed else None
+    loader = evaluation_loader(test_list, config.data, config.eval.batch_size, device, shard)
     started = time.perf_counter()
     setup_parts = {"imports": imported - entered, "image_list": listed - imported, "model_and_loader": started - listed}
     try:
@@ -255,7 +268,10 @@ def evaluate_test_split(config, checkpoint_arg: str | None, run_dir: Path, prefi
                                       embedding_cuda_graph(config.eval.cuda_graph, config.eval.compile))
     finally:
         stop_loader_workers(loader)
+    embedded = gather_embedded(embedded)
     seconds_embed = time.perf_counter() - started
+    if not processes.is_main:
+        return {}
     # Skipped images (data.on_bad_image=skip) are left out of the gallery and the queries: every row below
     # is one image that was read, and `evaluated` maps the rows back to the test list.
     evaluated = embedded.indices.numpy()

@@ -2,36 +2,54 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
+from distributed import SINGLE_PROCESS, Processes
 from errors import UsageError
+
+# Written into the run folder by rank 0 when a stop signal ended training: with several processes torchrun
+# exits 1 whatever its workers' exit code, so run.sh reads this to exit 3 (interrupted, resumable) itself.
+INTERRUPTED_MARKER = "interrupted.txt"
 
 
 def validation_function(val_list, val_loader, recall_ks, config, device, skip_log):
-    """model -> validation metrics: the same embed -> kNN -> metrics as `--mode eval`, on the held-out classes."""
-    from evaluation import evaluate_embeddings, extract_embeddings, require_queries
+    """model -> validation metrics: the same embed -> kNN -> metrics as `--mode eval`, on the held-out classes.
+
+    With several processes, each embeds its shard (`val_loader`), rank 0 searches and scores, every rank gets
+    its metrics."""
+    from distributed import broadcast_from_main, is_main_process
+    from evaluation import evaluate_embeddings, extract_embeddings, gather_embedded, require_queries
     from modes.evaluate import embedding_cuda_graph
 
     def validate(trained_model) -> dict:
-        embedded = extract_embeddings(trained_model, val_loader, device, config.train.precision, "validate",
-                                      embedding_cuda_graph(config.eval.cuda_graph, config.train.compile))
-        skip_log.record("validation", val_list, embedded.skipped, "validation")
+        embedded = gather_embedded(extract_embeddings(
+            trained_model, val_loader, device, config.train.precision, "validate",
+            embedding_cuda_graph(config.eval.cuda_graph, config.train.compile)))
+        if is_main_process():
+            skip_log.record("validation", val_list, embedded.skipped, "validation")
         require_queries(embedded, "validation", len(val_list), skip_log.path)
-        return evaluate_embeddings(embedded.embeddings, embedded.labels, recall_ks, config.eval.backend,
-                                   str(device), config.eval.memory_gb)
+        metrics = evaluate_embeddings(embedded.embeddings, embedded.labels, recall_ks, config.eval.backend,
+                                      str(device), config.eval.memory_gb) if is_main_process() else None
+        return broadcast_from_main(metrics)
 
     return validate
 
 
 def run_from_arguments(config, arguments) -> None:
-    run_train(config, arguments.resume, arguments.overwrite, arguments.init_from)
+    from distributed import launched_processes
+
+    with launched_processes(config.train.device) as processes:  # one, or those torchrun started
+        run_train(config, arguments.resume, arguments.overwrite, arguments.init_from, processes=processes)
 
 
-def run_train(config, resume: bool, overwrite: bool, init_from: Path | None = None, on_epoch_end=None) -> dict:
-    """Train into output.dir, which this process holds exclusively until it returns.
+def run_train(config, resume: bool, overwrite: bool, init_from: Path | None = None, on_epoch_end=None,
+              processes: Processes = SINGLE_PROCESS) -> dict:
+    """Train into output.dir, which this process (rank 0 of several) holds exclusively until it returns.
 
     init_from: a checkpoint whose model weights start this new run (--init-from).
     on_epoch_end: called with each epoch's record (`epoch`, `val/recall@1`, ...); True stops training there.
+    processes: this process's rank among those torchrun started (docs/distributed.md).
     """
     from objective import resolve_objective_config
     from run_folder import run_folder_lock
@@ -42,8 +60,14 @@ def run_train(config, resume: bool, overwrite: bool, init_from: Path | None = No
     if resume and init_from is not None:
         raise UsageError("--resume continues the run in output.dir from its own last.pt; --init-from starts a new run "
                          "from another checkpoint's weights: pass one of them")
-    with run_folder_lock(Path(config.output.dir), "train"):
-        return train_in_locked_folder(config, resume, overwrite, init_from, on_epoch_end)
+    if processes.distributed and config.train.capture_step:
+        raise UsageError("train.capture_step runs in one process (DistributedDataParallel's gradient hooks are not "
+                         "captured): set train.capture_step=false under torchrun")
+    if processes.distributed and (on_epoch_end is not None or init_from is not None):
+        raise UsageError("--init-from and --mode tune run in one process: start them without torchrun")
+    # The other ranks write nothing into the folder: rank 0's hold covers them.
+    with run_folder_lock(Path(config.output.dir), "train") if processes.is_main else nullcontext():
+        return train_in_locked_folder(config, resume, overwrite, init_from, on_epoch_end, processes)
 
 
 def starting_checkpoint(config, path: Path):
@@ -62,13 +86,14 @@ def starting_checkpoint(config, path: Path):
 
 
 def train_in_locked_folder(config, resume: bool, overwrite: bool, init_from: Path | None = None,
-                           on_epoch_end=None) -> dict:
+                           on_epoch_end=None, processes: Processes = SINGLE_PROCESS) -> dict:
     from checkpoint import (embedder_from_checkpoint, refuse_changed_training_list, refuse_mismatched_checkpoint,
                             remove_stale_temporaries, training_list_identity)
     from config import save_config
     from dataloaders import SkippedImageLog, stop_loader_workers
     from dataloaders.loaders import evaluation_loader, resolve_image_lists, training_loader
     from dataloaders.skipped_images import SKIPPED_IMAGES_FILE
+    from distributed import barrier, broadcast_from_main, main_process_first, shard_of_batches
     from model import apply_speed_options, build_embedder
     from modes.data import check_before_training
     from objective import loss_learning_rate, objective_from_config
@@ -76,11 +101,12 @@ def train_in_locked_folder(config, resume: bool, overwrite: bool, init_from: Pat
     from run_folder import remove_previous_outputs
     from runtime import configure_matmul_precision, seed_everything, select_device
     from tracking import Tracker
-    from trainer import Trainer
+    from trainer import Trainer, TrainingInterrupted
 
     run_dir = Path(config.output.dir)
     last = run_dir / "last.pt"
-    remove_stale_temporaries(run_dir)  # left by a kill or a full disk; nobody else writes here now
+    if processes.is_main:
+        remove_stale_temporaries(run_dir)  # left by a kill or a full disk; nobody else writes here now
     if last.exists() and not (resume or overwrite):
         raise UsageError(f"{run_dir} already holds a run (last.pt): add --resume to continue it, "
                          f"--overwrite to start afresh, or set output.dir to a new folder")
@@ -91,21 +117,32 @@ def train_in_locked_folder(config, resume: bool, overwrite: bool, init_from: Pat
     # Loaded before --overwrite clears the folder, which may hold it.
     config, starting_from, init_source = (starting_checkpoint(config, init_from) if init_from is not None
                                           else (config, None, None))
-    if not resume:  # a fresh run: nothing of an earlier one may pass for this one's
+    if not resume and processes.is_main:  # a fresh run: nothing of an earlier one may pass for this one's
         remove_previous_outputs(run_dir)
+    if processes.is_main:
+        (run_dir / INTERRUPTED_MARKER).unlink(missing_ok=True)
 
-    train_list, val_list, _ = resolve_image_lists(config.data, config.train.seed, need_train=True, need_test=False)
+    with main_process_first():  # rank 0 generates the demo data, if any, before the others read it
+        train_list, val_list, _ = resolve_image_lists(config.data, config.train.seed, need_train=True,
+                                                      need_test=False)
     skip_log = SkippedImageLog(run_dir / SKIPPED_IMAGES_FILE)
-    lists = check_before_training(config.data, {"train": train_list, "validation": val_list}, run_dir, skip_log)
+    # Rank 0 checks the images; every rank then trains on the lists it kept.
+    lists = (check_before_training(config.data, {"train": train_list, "validation": val_list}, run_dir, skip_log)
+             if processes.is_main else None)
+    lists = broadcast_from_main(lists)
     train_list, val_list = lists["train"], lists["validation"]
     if resumed_from is not None:
         refuse_changed_training_list(resumed_from, train_list, last)
-    device = select_device(config.train.device)
+    device = processes.device(select_device(config.train.device))
     configure_matmul_precision(device, config.train.tf32)
     # Loaders first: an impossible batch size is refused before a backbone is downloaded or built.
     # (Building a DataLoader starts no worker and draws from no global RNG.)
-    train_loader = training_loader(train_list, config.data, config.train.seed, device)
-    val_loader = evaluation_loader(val_list, config.data, config.eval.batch_size, device) if len(val_list) >= 2 else None
+    train_loader = training_loader(train_list, config.data, config.train.seed, device, processes.rank,
+                                   processes.world_size)
+    val_shard = (shard_of_batches(len(val_list), config.eval.batch_size, processes) if processes.distributed
+                 else None)
+    val_loader = (evaluation_loader(val_list, config.data, config.eval.batch_size, device, val_shard)
+                  if len(val_list) >= 2 else None)
     seed_everything(config.train.seed)
     if starting_from is not None:  # the checkpoint's architecture and weights (strict), no download
         model = embedder_from_checkpoint(starting_from).to(device)
@@ -115,9 +152,11 @@ def train_in_locked_folder(config, resume: bool, overwrite: bool, init_from: Pat
     else:
         model = build_embedder(config.model.backbone, config.data.image_size, config.model.embedding_dim).to(device)
     apply_speed_options(model, config.model.attention, config.train.grad_checkpointing, config.train.compile)
+    processes_note = (f" x {processes.world_size} processes (cross-rank mining "
+                      f"{'on' if config.train.cross_rank_mining else 'off'})" if processes.distributed else "")
     print(f"train: {len(train_list)} images / {train_list.num_classes} classes; "
           f"validation: {len(val_list)} images / {val_list.num_classes} classes; "
-          f"{len(train_loader)} batches per epoch; device {device}")
+          f"{len(train_loader)} batches per epoch; device {device}{processes_note}")
 
     validate = None
     if val_loader is not None:
@@ -134,13 +173,14 @@ def train_in_locked_folder(config, resume: bool, overwrite: bool, init_from: Pat
     total_steps = config.train.epochs * len(train_loader)
     scheduler = warmup_cosine_schedule(optimizer, total_steps, round(config.train.warmup_fraction * total_steps))
 
-    save_config(config, run_dir / "config.yaml")
+    if processes.is_main:
+        save_config(config, run_dir / "config.yaml")
     # Where the weights started: this run's --init-from, or (on resume) the one its last.pt recorded.
     init_source = init_source or (resumed_from or {}).get("init_from")
     # A resumed run continues its wandb run rather than starting another.
     tracker = Tracker(run_dir, config.wandb.mode, config.wandb.project, config.wandb.entity, config.wandb.run_name,
                       {**config.to_dict(), **({"init_from": init_source} if init_source else {})}, job_type="train",
-                      resume_id=(resumed_from or {}).get("wandb_run_id", ""))
+                      enabled=processes.is_main, resume_id=(resumed_from or {}).get("wandb_run_id", ""))
     if init_source and resumed_from is None:
         tracker.log({"init_from": init_source["path"], "init_from_weights_sha256": init_source["weights_sha256"]},
                     step=0)
@@ -155,16 +195,25 @@ def train_in_locked_folder(config, resume: bool, overwrite: bool, init_from: Pat
     }
     trainer = Trainer(model, objective, optimizer, scheduler, train_loader, validate, device, config.train.precision,
                       config.train.grad_clip, config.train.epochs, config.train.patience, run_dir, tracker,
-                      config.train.seed, checkpoint_extra, skip_log=skip_log, on_epoch_end=on_epoch_end)
+                      config.train.seed, checkpoint_extra, skip_log=skip_log, on_epoch_end=on_epoch_end,
+                      processes=processes, cross_rank_mining=config.train.cross_rank_mining,
+                      capture_step=config.train.capture_step)
     if resumed_from is not None:
         trainer.resume(resumed_from, last)
     try:
         summary = trainer.fit()
+    except TrainingInterrupted as stop:
+        if processes.is_main:
+            (run_dir / INTERRUPTED_MARKER).write_text(f"{stop}\n")
+        barrier()  # written before any process exits, so that run.sh on every node finds it
+        raise
     finally:
         tracker.finish()
         stop_loader_workers(train_loader, val_loader)
     from visualize import plot_validation_curve
 
+    if not processes.is_main:
+        return summary
     curve = plot_validation_curve(trainer.history, run_dir / "validation_curve.png")
     if curve is not None:
         print(f"picture written to {curve}")

@@ -220,7 +220,7 @@ def cuda_training_pair(strategy, loss_fn, precision, steps=6):
 @pytest.mark.parametrize("strategy, loss_fn", [("whole", static_loss), ("split", pml_batch_hard_loss)])
 def test_cuda_graphed_step_trains_as_the_plain_step(strategy, loss_fn, precision):
     expected, got, reference, model, step = cuda_training_pair(strategy, loss_fn, precision)
-    assert step.capture and (step.graph is not None if strategy == "whole" else step.graphed_forward is not None)
+    assert step.capture and (step.graph is not None if strategy == "whole" else step.graphed_forward.graphed is not None)
     assert_same_training(reference, model, expected, got, tolerance=1e-4 if precision == "fp32" else 2e-2)
 
 
@@ -230,3 +230,57 @@ def test_cuda_whole_step_with_a_syncing_loss_warns_and_trains_without_the_graph(
         expected, got, reference, model, step = cuda_training_pair("whole", pml_batch_hard_loss, "fp32", steps=4)
     assert not step.capture and step.graph is None
     assert_same_training(reference, model, expected, got, tolerance=1e-4)
+
+
+# --- train.capture_step: the trainer's own step around GraphedForward ---
+
+
+def test_capture_step_with_fp16_is_refused_before_any_work():
+    from config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.capture_step.*bf16 or fp32"):
+        load_config(None, ["train.capture_step=true", "train.precision=fp16"])
+    assert load_config(None, ["train.capture_step=true", "train.precision=bf16"]).train.capture_step is True
+
+
+def trainer_losses(model, batches, capture_step: bool, precision: str) -> tuple[list[float], "Trainer"]:
+    """Trainer.train_step over the batches (PML's triplet loss on batch-hard triplets, as the defaults)."""
+    from pathlib import Path
+
+    from objective import MetricLearningObjective
+    from trainer import Trainer
+
+    device = next(model.parameters()).device
+    optimizer, scheduler = optimizer_pair(model, device.type, None)
+    objective = MetricLearningObjective("triplet", "batchhard", config_values={"train.margin": MARGIN})
+    trainer = Trainer(model, objective, optimizer, scheduler, None, None, device, precision, 1.0, 1, 0, Path("."),
+                      None, 0, {}, capture_step=capture_step)
+    return [trainer.train_step(images, labels)[0] for images, labels in batches], trainer
+
+
+def test_capture_step_on_the_cpu_runs_the_plain_step():
+    """No graph off CUDA: the same losses and weights, bit for bit, as train.capture_step=false."""
+    batches = pk_batches(3)
+    reference, model = tiny_embedder(), tiny_embedder()
+    torch.manual_seed(5)
+    expected, _ = trainer_losses(reference, batches, False, "fp32")
+    torch.manual_seed(5)
+    got, trainer = trainer_losses(model, batches, True, "fp32")
+    assert trainer.forward.graphed is None and not trainer.forward.capture
+    assert_same_training(reference, model, expected, got)
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_trainer_with_capture_step_trains_as_without(precision):
+    """The trainer's step with its forward and backward replayed from CUDA graphs (drop-path off: the graph
+    draws its random numbers in another order) against the same step uncaptured."""
+    batches = pk_batches(5, device="cuda")
+    reference, model = tiny_embedder("cuda"), tiny_embedder("cuda")
+    for module in [*reference.modules(), *model.modules()]:
+        if hasattr(module, "drop_prob"):
+            module.drop_prob = 0.0
+    expected, _ = trainer_losses(reference, batches, False, precision)
+    got, trainer = trainer_losses(model, batches, True, precision)
+    assert trainer.forward.graphed is not None  # captured at the first step, replayed at the others
+    assert_same_training(reference, model, expected, got, tolerance=1e-4 if precision == "fp32" else 2e-2)

@@ -26,20 +26,21 @@ class Interrupted(Exception):
 
 def exit_code_and_message(error: BaseException) -> tuple[int, str] | None:
     """(exit code, the one line to print) for an error the user can act on; None for a bug (show the traceback)."""
+    from config import ConfigError  # light: a mistyped override is answered at once, before torch loads
+
     if isinstance(error, Interrupted):  # before the imports below: a stop signal must not wait seconds for them
         return EXIT_INTERRUPTED, f"interrupted: {error}"
-    # Imported here: each module is heavy, and only a failing run needs them.
+    if isinstance(error, (ConfigError, UsageError)):
+        return EXIT_USAGE, f"error: {error}"
+    # Imported here: each module is heavy (torch, transformers), and only a failing run needs them.
     from catalogue.store import CatalogueError
     from checkpoint import CheckpointError
-    from config import ConfigError
     from dataloaders import BadImageError, DataFormatError
     from dataloaders.cache import CacheError
     from evaluation import NothingToEvaluateError
     from model import BackboneLoadError
     from trainer import NonFiniteLossError, NoTrainingImagesError, TrainingInterrupted
 
-    if isinstance(error, (ConfigError, UsageError)):
-        return EXIT_USAGE, f"error: {error}"
     if isinstance(error, TrainingInterrupted):
         return EXIT_INTERRUPTED, f"interrupted: {error}"
     if isinstance(error, BadImageError):  # raised in a loader worker: its message is the worker's traceback

@@ -1,18 +1,6 @@
 """Command line: parse the arguments, resolve the configuration once, and hand over to one mode (modes/).
 
-    python main.py --mode train [--config FILE] [--resume | --overwrite | --init-from CKPT] [key=value ...]
-    python main.py --mode tune  [--config FILE] --trials N key=low:high[:log] key=[a,b,...] [key=value ...]
-    python main.py --mode eval  [--config FILE] [--checkpoint PATH|none] [--output FILE] [--visualize N] [key=value ...]
-    python main.py --mode eval  --embeddings E.npy --labels L.npy [--output report.json] [key=value ...]
-    python main.py --mode demo  [key=value ...]
-    python main.py --mode cache [--config FILE] data.cache_dir=FOLDER [key=value ...]
-    python main.py --mode check [--config FILE] [key=value ...]
-    python main.py --mode index  --index DIR [--checkpoint CKPT] [--images IMG|DIR ... | --list FILE | --from-eval RUN_DIR]
-    python main.py --mode search --index DIR --query IMG [IMG ...] [--top-k K] [--visualize N --output PNG]
-    python main.py --mode add    --index DIR (--images IMG ... | --list FILE)
-    python main.py --mode remove --index DIR --ids ID [ID ...]
-    python main.py --mode export [--checkpoint CKPT] --output DIR
-    python main.py --mode serve  --index DIR [--host 127.0.0.1] [--port 8000]
+`python main.py --help` lists the modes (MODES below); the README's "Command line" shows each with its options.
 """
 
 from __future__ import annotations

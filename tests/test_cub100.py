@@ -1,7 +1,9 @@
 """The same code on real photos: ../shared/data/cub100 (skipped where the folder is absent).
 
-SOP-format lists are built from the bird photos: the first 50 classes for training and validation, the
-last 50 for testing, so test Recall@1 is measured on species the model never saw.
+SOP-format lists are built from the bird photos: the first 25 classes for training and validation, the
+last 25 for testing, so test Recall@1 is measured on species the model never saw. (25 + 25 of the 100 classes,
+2 epochs: about 20 s on one core, where 50 + 50 took 40 s; training gained 0.031 Recall@1 over the untrained
+model's 0.098 on the 1,475 test photos when this was written.)
 """
 
 import json
@@ -21,8 +23,8 @@ def build_sop_lists(folder):
     tree = read_folder_tree(CUB)
     paths = list(tree.paths)
     labels = [int(label) + 1 for label in tree.labels]  # SOP ids are 1-based
-    train = [i for i, label in enumerate(labels) if label <= 50]
-    test = [i for i, label in enumerate(labels) if label > 50]
+    train = [i for i, label in enumerate(labels) if label <= 25]
+    test = [i for i, label in enumerate(labels) if label > 75]
     write_sop_list(folder / "Ebay_train.txt", [paths[i] for i in train], [labels[i] for i in train])
     write_sop_list(folder / "Ebay_test.txt", [paths[i] for i in test], [labels[i] for i in test])
 

@@ -1,7 +1,8 @@
 """Faiss index types on synthetic clustered vectors: build time, memory, query latency and recall@10 against exact.
 
     python bench/index_bench.py [--n 1000000] [--d 512] [--queries 1024] [--types flat,ivf_flat,ivf_pq,hnsw]
-                                [--threads 2] [--clusters 10000] [--spread 1.0] [--index-cache DIR] [--out FILE.json]
+                                [--threads 2] [--clusters 10000] [--spread 1.0] [--hnsw-ef-construction 40,100]
+                                [--index-cache DIR] [--out FILE.json]
     python bench/index_bench.py --tiny        # 20,000 vectors: a smoke test of a minute
 
 Data: `--clusters` centres drawn uniformly on the unit sphere; each vector is a centre (picked uniformly) plus
@@ -45,7 +46,7 @@ from eval_bench import cpu_description  # noqa: E402 (bench/ is on the path when
 
 K = 10
 TYPES = ("flat", "ivf_flat", "ivf_pq", "hnsw")  # flat first: its results are the ground truth
-EF_SEARCH = (16, 32, 64, 128, 256)
+EF_SEARCH = (16, 32, 64, 128, 256, 512)
 NPROBE = (1, 4, 16, 64)
 RERANK, RERANK_NPROBE = 100, (4, 16)  # ivf_pq: also re-score its 100 best exactly, at these nprobe
 GOAL_RECALL, GOAL_P50_MS = 0.95, 5.0
@@ -120,15 +121,13 @@ def ivf_lists(num: int) -> int:
     return max(16, 2 ** round(math.log2(4 * math.sqrt(num))))
 
 
-def make_index(kind: str, dim: int, num: int, pq_bytes: int) -> tuple[faiss.Index, str]:
-    """An empty index of `kind` with this bench's parameters, and those parameters in words."""
+def make_index(kind: str, dim: int, num: int, pq_bytes: int, ef_construction: int) -> tuple[faiss.Index, str]:
+    """An empty index of `kind` (not flat: see `flat_search`) with this bench's parameters, and those in words."""
     ip = faiss.METRIC_INNER_PRODUCT
-    if kind == "flat":
-        return faiss.IndexFlatIP(dim), ""
     if kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, 32, ip)
-        index.hnsw.efConstruction = 40
-        return index, "M=32 efC=40"
+        index.hnsw.efConstruction = ef_construction
+        return index, f"M=32 efC={ef_construction}"
     nlist = ivf_lists(num)
     quantizer = faiss.IndexFlatIP(dim)
     if kind == "ivf_flat":
@@ -182,6 +181,12 @@ def search_settings(kind: str) -> list[tuple[str, int | None, int]]:
     return [("", None, 0)]
 
 
+def flat_search(base: np.ndarray):
+    """Exact search over `base` itself: faiss.knn runs what IndexFlatIP.search runs (knn_inner_product), without
+    the index's 4 N d byte copy of the vectors (2 GB at 1M x 512, on a shared 24 GB machine)."""
+    return lambda block: faiss.knn(block, base, K, metric=faiss.METRIC_INNER_PRODUCT)[1]
+
+
 def searcher(index: faiss.Index, kind: str, value: int | None, rerank: int, base: np.ndarray):
     """block (B, d) -> (B, K) ids, with the setting applied.
 
@@ -192,6 +197,8 @@ def searcher(index: faiss.Index, kind: str, value: int | None, rerank: int, base
         index.hnsw.efSearch = value
     elif kind in ("ivf_flat", "ivf_pq"):
         index.nprobe = value
+    if kind == "flat":
+        return flat_search(base)
     if not rerank:
         return lambda block: index.search(block, K)[1]
 
@@ -238,18 +245,19 @@ def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
     return float(hits.any(axis=2).sum(axis=1).mean() / exact.shape[1])
 
 
-def built_index(kind: str, base: np.ndarray, args) -> tuple[faiss.Index, str, dict]:
+def built_index(kind: str, base: np.ndarray, args, ef_construction: int) -> tuple[faiss.Index, str, dict]:
     """(index, its parameters in words, record: build s, build CPU s, peak RSS growth while building, RSS growth
     holding the index).
 
     With --index-cache, an index built before for the same data and parameters is read back, with the build
-    numbers of that first run (flat, a copy of the data, is always built). A freshly built IVF index holds more
+    numbers of that first run. A freshly built IVF index holds more
     than its file size (its inverted lists grow by doubling); one read back holds about its file size.
     """
-    index, parameters = make_index(kind, base.shape[1], len(base), args.pq_bytes or base.shape[1] // 8)
+    index, parameters = make_index(kind, base.shape[1], len(base), args.pq_bytes or base.shape[1] // 8,
+                                   ef_construction)
     name = (f"{kind}-{len(base)}x{base.shape[1]}-clusters{args.clusters}-spread{args.spread}-seed{args.seed}-"
             f"{parameters.replace(' ', '-').replace('=', '')}")
-    cached = Path(args.index_cache) / name if args.index_cache and kind != "flat" else None
+    cached = Path(args.index_cache) / name if args.index_cache else None
     rss_before = rss_bytes()
     if cached and Path(f"{cached}.json").is_file():
         print(f"{kind} {parameters}: reading {cached}.faiss", file=sys.stderr, flush=True)
@@ -268,11 +276,15 @@ def built_index(kind: str, base: np.ndarray, args) -> tuple[faiss.Index, str, di
     return index, parameters, {**record, "rss_growth_mb": (rss_bytes() - rss_before) / 2**20}
 
 
-def measure(kind: str, base: np.ndarray, queries: np.ndarray, exact: np.ndarray | None,
-            args) -> tuple[list[dict], np.ndarray]:
+def measure(kind: str, base: np.ndarray, queries: np.ndarray, exact: np.ndarray | None, args,
+            ef_construction: int = 0) -> tuple[list[dict], np.ndarray]:
     """One index, one row per search setting. The first call (flat) returns the exact top K for the others."""
-    index, parameters, record = built_index(kind, base, args)
-    index_mb = serialized_bytes(index) / 2**20
+    if kind == "flat":  # nothing to build: the vectors are the index
+        index, parameters, index_mb = None, "", base.nbytes / 2**20
+        record = dict(build_s=0.0, build_cpu_s=0.0, rss_growth_mb=index_mb, rss_peak_growth_mb=None)
+    else:
+        index, parameters, record = built_index(kind, base, args, ef_construction)
+        index_mb = serialized_bytes(index) / 2**20
     rows = []
     for setting, value, rerank in search_settings(kind):
         search = searcher(index, kind, value, rerank, base)
@@ -336,6 +348,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--spread", type=float, default=1.0,
                         help="noise norm around a centre; 1.0 puts cluster mates at cosine about 0.5")
     parser.add_argument("--pq-bytes", type=int, default=0, help="ivf_pq: bytes per vector (default d / 8)")
+    parser.add_argument("--hnsw-ef-construction", default="100",
+                        help="hnsw: efConstruction, comma-separated for one index each (100: the catalogue's default)")
     parser.add_argument("--single-queries", type=int, default=500, help="most batch-1 calls per setting")
     parser.add_argument("--budget-s", type=float, default=10.0, help="seconds of timed calls per setting and batch")
     parser.add_argument("--seed", type=int, default=0)
@@ -347,6 +361,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tiny:
         args.n, args.queries, args.clusters, args.budget_s, args.single_queries = 20_000, 256, 200, 1.0, 100
+    args.hnsw_ef_construction = [int(value) for value in args.hnsw_ef_construction.split(",")]
     unknown = set(args.types.split(",")) - set(TYPES)
     if unknown:
         parser.error(f"unknown --types {', '.join(sorted(unknown))}; expected some of {', '.join(TYPES)}")
@@ -368,7 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     rows, exact = measure("flat", base, queries, None, args)
     rows = rows if "flat" in kinds else []
     for kind in (kind for kind in TYPES if kind in kinds and kind != "flat"):
-        rows += measure(kind, base, queries, exact, args)[0]
+        for ef_construction in (args.hnsw_ef_construction if kind == "hnsw" else [0]):
+            rows += measure(kind, base, queries, exact, args, ef_construction)[0]
 
     # How hard the data is: the cosine of each query to its exact 1st and 10th neighbours.
     cosines = np.einsum("qkd,qd->qk", base[exact[:, [0, K - 1]]], queries)

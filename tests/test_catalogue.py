@@ -197,6 +197,53 @@ def test_an_interrupted_build_resumes_and_equals_an_uninterrupted_one(runs, tmp_
     assert resumed.manifest["files"] == uninterrupted.manifest["files"]
 
 
+def test_a_build_killed_by_sigkill_resumes_and_equals_an_uninterrupted_one(runs, tmp_path, monkeypatch):
+    """A real `--mode index` process killed (SIGKILL: no clean-up of its own) once its first chunk is on disk,
+    then the same command: the chunks on disk are kept, only the missing ones are embedded, and the index
+    equals the uninterrupted build. One image per chunk, so the kill lands mid-build (12 chunks)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    base, checkpoints = runs
+    arguments = ["--mode", "index", "--index", str(tmp_path / "index"), "--checkpoint", str(checkpoints["run"]),
+                 "index.chunk_images=1"]
+    chunks = tmp_path / "index.partial" / "chunks"
+    child = subprocess.Popen([sys.executable, str(REPO_ROOT / "main.py"), *arguments], cwd=REPO_ROOT,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120  # imports and the model load: seconds on a busy 2-core machine
+        while not list(chunks.glob("chunk_*.npz")) and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL, "the build ended before it was killed"
+    assert not (tmp_path / "index").exists()  # never a half index under the final name
+    kept = sorted(int(path.stem.split("_")[1]) for path in chunks.glob("chunk_*.npz"))
+    assert kept and len(kept) < TEST_IMAGES
+
+    embed_chunk, calls = catalogue_build.embed_chunk, []
+
+    def counted(*args, **kwargs):
+        calls.append(args[2])
+        return embed_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(catalogue_build, "embed_chunk", counted)
+    assert run_cli(*arguments) == 0
+    assert calls == [start for start in range(TEST_IMAGES) if start not in kept]  # nothing embedded twice
+    assert not (tmp_path / "index.partial").exists()
+    # The same build uninterrupted (one image per chunk too: batches of 1 and of 5 differ in the last bits).
+    monkeypatch.setattr(catalogue_build, "embed_chunk", embed_chunk)
+    assert run_cli(*arguments[:2], "--index", tmp_path / "uninterrupted", *arguments[4:]) == 0
+    resumed, uninterrupted = Catalogue.load(tmp_path / "index"), Catalogue.load(tmp_path / "uninterrupted")
+    np.testing.assert_array_equal(resumed.vectors, uninterrupted.vectors)
+    assert resumed.items == uninterrupted.items
+
+
 def test_index_types_search_add_and_remove_consistently(runs, tmp_path):
     """flat, hnsw, ivf_flat, ivf_pq over 400 clustered vectors: near-exact recall, and rows stay paired with ids."""
     from catalogue.build import build_from_vectors

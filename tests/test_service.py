@@ -176,7 +176,7 @@ def test_a_burst_of_concurrent_searches_all_succeed(server):
     assert health["status"] == "ok" and health["items"] == len(Catalogue.load(index))
 
 
-def test_items_added_and_removed_by_another_process_are_served_at_once(server, tmp_path):
+def test_items_added_and_removed_from_the_command_line_are_served_at_once(server, tmp_path):
     url, index = server
     new_image = tmp_path / "new_product.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(new_image)

@@ -75,11 +75,11 @@ class EpochSignals:
                 "train/grad_norm": sums["grad_norm"] / self.steps}
 
 
-def collapse_warning(record: dict, first: dict) -> str | None:
+def collapse_warning(record: dict, first: dict, proxy_loss: bool = False) -> str | None:
     """One line saying what collapsed in this epoch's `record` and what to try, or None.
 
     `first`: the first epoch's record (the reference spread; the first epoch itself can only collapse by rank or
-    by the active fraction)."""
+    by the active fraction). `proxy_loss`: the loss already learns proxies, so the advice is not to use one."""
     spread, rank = record.get("train/embedding_spread", math.nan), record.get("train/effective_rank", math.nan)
     active = record.get("train/active_fraction", math.nan)
     first_spread = first.get("train/embedding_spread", math.nan)
@@ -87,8 +87,9 @@ def collapse_warning(record: dict, first: dict) -> str | None:
     if spread < SPREAD_COLLAPSE_FRACTION * first_spread or rank < EFFECTIVE_RANK_COLLAPSE:
         return (f"warning: epoch {epoch}: the embeddings are collapsing (mean pairwise distance {spread:.3f}, "
                 f"epoch 1: {first_spread:.3f}; effective rank {rank:.1f}): try a lower train.lr or a longer "
-                f"train.warmup_fraction, train.miner=all or semihard instead of batchhard, or a proxy loss "
-                f"(train.loss=proxy_anchor)")
+                f"train.warmup_fraction, " + ("or a lower train.loss_lr (the proxies' learning rate)" if proxy_loss
+                                              else "train.miner=all or semihard instead of batchhard, or a proxy "
+                                                   "loss (train.loss=proxy_anchor)"))
     if active < ACTIVE_FRACTION_COLLAPSE:
         return (f"warning: epoch {epoch}: only {100 * active:.2f}% of the loss's terms are active, so almost "
                 f"nothing is learned: try a larger train.margin, train.miner=batchhard or all, or bigger batches")

@@ -30,6 +30,9 @@ def test_collapse_warning_is_one_line_naming_what_to_try():
     idle = {**first, "epoch": 2, "train/active_fraction": 0.001}
     assert "active" in collapse_warning(idle, first) and "train.margin" in collapse_warning(idle, first)
     assert collapse_warning({"epoch": 1}, {"epoch": 1}) is None  # no signal, no warning
+    # A proxy loss is not advised to a run that already has one.
+    assert "proxy_anchor" in line and "proxy_anchor" not in collapse_warning(collapsed, first, proxy_loss=True)
+    assert "train.loss_lr" in collapse_warning(collapsed, first, proxy_loss=True)
 
 
 def collapse_lines(printed: str) -> list[str]:

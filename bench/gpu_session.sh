@@ -14,8 +14,9 @@
 #   then run with carry [".whl"]: OUT=$OUT bash bench/gpu_session.sh
 # Optional steps (not in the default list): profile, profile_flex (where a compiled step's time goes, by kernel),
 # flex_tests (the CUDA test of tests/test_flex_attention.py), trainer_rows (Trainer.train_step compiled, SDPA
-# and flex), sweep_compiled (the compiled SDPA step at batch 128, 256, 384), e2e_cache, e2e_flex, ddp
-# (bench/ddp_bench.py: the training step with and without the DDP wrapper).
+# and flex), sweep_compiled (the compiled SDPA step at batch 128, 256, 384), e2e_cache, e2e_flex, jpeg_decode
+# (bench/jpeg_decode_bench.py: GPU JPEG decoding against the loader's), ddp (bench/ddp_bench.py: the training
+# step with and without the DDP wrapper).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 OUT=${OUT:-/tmp/gpu_session}
@@ -100,6 +101,9 @@ step sweep_compiled 360 $PY bench/train_bench.py $TINY --steps 4 --warmup 2 --sw
 step e2e_cache 170 $PY bench/e2e_bench.py "${E2E_SIZE[@]}" --workers $WORKERS --cache --out "$OUT/e2e_cache.json"
 step e2e_flex 200 $PY bench/e2e_bench.py "${E2E_SIZE[@]}" --workers $WORKERS --attention flex \
   --out "$OUT/e2e_flex.json"
+# GPU JPEG decoding, one image and lists per call, against the loader's CPU decode (issue 17 item 4: measured
+# before any code depends on it).
+step jpeg_decode 40 $PY bench/jpeg_decode_bench.py $TINY --out "$OUT/jpeg_decode.json"
 # Step time with and without the DDP wrapper in a world of one (NCCL; more rows with more GPUs), issue 16.
 step ddp 120 $PY bench/ddp_bench.py $TINY --steps 10 --out "$OUT/ddp.json"
 

@@ -156,7 +156,7 @@ class Trainer:
             if skipped:
                 self._note_skipped(skipped)
             # A batch whose every image was unreadable has nothing to learn from: no step, no log line.
-            if images is not None:
+            if self._every_rank_steps(images is not None):
                 loss, step_signals = self.train_step(images, labels, sources)
                 signals.add(step_signals)
                 steps_run += 1
@@ -195,6 +195,15 @@ class Trainer:
         self.save("last.pt", {})
         raise TrainingInterrupted(f"stopped by {self.stop_signal} after {progress_note}; "
                                   f"{self.run_dir / 'last.pt'} saved: continue with --resume")
+
+    def _every_rank_steps(self, has_images: bool) -> bool:
+        """Whether to take this step: this process has images to learn from and, with several processes, so
+        has every other. The step's collectives (the gather for cross-rank mining, DDP's gradient all-reduce)
+        need every rank, so a share whose every image was unreadable makes all ranks skip the step instead of
+        leaving the others waiting for it."""
+        if not self.processes.distributed:
+            return has_images
+        return not any_rank(not has_images, self.device)
 
     def _stop_agreed(self) -> bool:
         """Whether to stop at this step boundary: a stop signal reached this process, or (with several) any of

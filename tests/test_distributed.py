@@ -250,6 +250,17 @@ def test_a_run_stopped_under_two_processes_resumes_in_one(two_processes):
     assert max(float((resumed[name] - single[name]).abs().max()) for name in single) < 1e-4
 
 
+def test_a_share_with_no_readable_image_makes_every_rank_skip_that_step(two_processes):
+    """Rank 1's share of step 2 is all unreadable: both ranks skip the step together (no rank waits in a
+    collective the other never joins), finish the run, and train the same steps."""
+    folder, _, ranks, _ = two_processes
+    assert [rank["codes"]["empty_share"] for rank in ranks] == [0, 0]
+    steps = [[step for step, _, _ in rank["losses"]["empty_share"]] for rank in ranks]
+    assert steps[0] == steps[1] == list(range(1, STEPS_PER_EPOCH * EPOCHS))  # one step fewer: 3 batches, 2 steps
+    assert torch.load(folder / "empty_share_run" / "last.pt", map_location="cpu",
+                      weights_only=True)["global_step"] == STEPS_PER_EPOCH * EPOCHS - 1
+
+
 def test_a_global_batch_that_does_not_split_over_the_processes_stops_the_run_in_one_line():
     from types import SimpleNamespace
 
@@ -260,6 +271,28 @@ def test_a_global_batch_that_does_not_split_over_the_processes_stops_the_run_in_
     data = SimpleNamespace(sampler="pk", classes_per_batch=3, images_per_class=2, triplets_per_batch=1)
     with pytest.raises(UsageError, match=r"data.classes_per_batch .*= 3 does not split evenly over 2 processes"):
         training_loader(image_list, data, 0, torch.device("cpu"), rank=1, world_size=2)
+
+
+@contextlib.contextmanager
+def rank_1_reads_nothing_in_step_2():
+    """Rank 1's whole share of the second training batch comes out unreadable (as data.on_bad_image=skip leaves
+    a share whose every image is damaged): the loader gives no images for it."""
+    import torch.distributed as dist
+
+    from dataloaders import loaders
+
+    collate, batches = loaders.collate_skipping_bad_images, []
+
+    def collate_training_batches(items):
+        images, labels, indices, skipped = collate(items)
+        batches.append(len(items))
+        if dist.get_rank() == 1 and len(batches) == 2:
+            return None, labels[:0], indices[:0], []
+        return images, labels, indices, skipped
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loaders, "collate_skipping_bad_images", collate_training_batches)
+        yield
 
 
 def run_scenario(folder: Path, data_root: Path) -> None:
@@ -277,10 +310,12 @@ def run_scenario(folder: Path, data_root: Path) -> None:
             ("eval", ["--mode", "eval", "--checkpoint", str(folder / "ddp_run" / "best.pt"),
                       "--output", str(folder / "ddp_eval" / "report.json"), *overrides(data_root, folder / "ddp_run")]),
             ("stopped", ["--mode", "train", *overrides(data_root, folder / "stop_run")]),
-            ("resumed", ["--mode", "train", "--resume", *overrides(data_root, folder / "stop_run")])):
+            ("resumed", ["--mode", "train", "--resume", *overrides(data_root, folder / "stop_run")]),
+            ("empty_share", ["--mode", "train", *overrides(data_root, folder / "empty_share_run")])):
         losses[phase] = []
         os.environ["STOP_RANK"] = stop_rank if phase == "stopped" else ""
-        with deterministic_draws(losses[phase]):
+        with deterministic_draws(losses[phase]), (rank_1_reads_nothing_in_step_2() if phase == "empty_share"
+                                                  else contextlib.nullcontext()):
             codes[phase] = main.main(["--config", str(DEMO_CONFIG), *arguments])
         if phase == "stopped" and rank == 0:
             saved = torch.load(folder / "stop_run" / "last.pt", map_location="cpu", weights_only=True)

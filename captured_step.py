@@ -64,7 +64,7 @@ def batch_hard_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, marg
 
 
 class _AutocastForward(nn.Module):
-    """model(images) under autocast: the one module make_graphed_callables captures for the split strategy."""
+    """model(images) under autocast: the step's forward, and the module make_graphed_callables captures."""
 
     def __init__(self, model: nn.Module, autocast: Callable[[], AbstractContextManager]):
         super().__init__()
@@ -120,12 +120,9 @@ class CapturedTrainStep:
         self.static_images = self.static_labels = self.static_result = None
         self.lr_tensors: list[torch.Tensor] = []
         self.graphed_forward = None  # split: the captured forward (and its backward)
+        self.forward = _AutocastForward(model, autocast)
 
     # ---- the step, captured or not ----------------------------------------------------------------------
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            return self.model(images)
-
     def step_body(self, images: torch.Tensor, labels: torch.Tensor, forward: Callable) -> StepResult:
         """Forward, loss, backward, clipping and AdamW, with no host sync where the optimizer is fused.
         The gradients must be None (the eager step) or the graph's own (a replay overwrites them)."""
@@ -236,15 +233,11 @@ class GraphedForward:
 
     def __init__(self, model: nn.Module, autocast: Callable[[], AbstractContextManager], warmup_steps: int = 3,
                  capture: bool | None = None):
-        self.model, self.autocast, self.warmup_steps = model, autocast, warmup_steps
+        self.eager, self.warmup_steps = _AutocastForward(model, autocast), warmup_steps
         self.device = next(model.parameters()).device
         self.capture = self.device.type == "cuda" if capture is None else capture
         self.static_images: torch.Tensor | None = None
         self.graphed = None
-
-    def eager(self, images: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            return self.model(images)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.capture and self.graphed is None:
@@ -256,7 +249,7 @@ class GraphedForward:
     def capture_forward_backward(self, images: torch.Tensor):
         self.static_images = static_batch_like(images, images.shape[0], self.device).copy_(images)
         try:
-            return torch.cuda.make_graphed_callables(_AutocastForward(self.model, self.autocast), (self.static_images,),
+            return torch.cuda.make_graphed_callables(self.eager, (self.static_images,),
                                                      num_warmup_iters=max(1, self.warmup_steps))
         except Exception as error:  # noqa: BLE001 - the same forward runs uncaptured
             torch.cuda.synchronize(self.device)

@@ -224,10 +224,13 @@ def broadcast_from_main(value):
     return box[0]
 
 
-def shard_of_batches(num_items: int, batch_size: int, processes: Processes) -> range:
+def shard_of_batches(num_items: int, batch_size: int, processes: Processes) -> range | None:
     """The items this rank embeds: a contiguous run of whole batches of `batch_size`, so that every image is
     embedded in the same batch as in one process (same result, bit for bit), and ranks in order give back
-    the list's order. Uneven: the first num_batches % world ranks take one batch more; a rank may get none."""
+    the list's order. Uneven: the first num_batches % world ranks take one batch more; a rank may get none.
+    None in one process: it embeds every item (`evaluation_loader`'s default)."""
+    if not processes.distributed:
+        return None
     num_batches = -(-num_items // batch_size)
     per_rank, extra = divmod(num_batches, processes.world_size)
     first = processes.rank * per_rank + min(processes.rank, extra)

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from captured_step import GraphedForward
 from checkpoint import model_only as model_only_state
 from checkpoint import CheckpointError, save_checkpoint_atomically, weights_digest
 from distributed import (SINGLE_PROCESS, Processes, any_rank, average_gradients, barrier, gather_rows,
                          mean_over_ranks, wrap_for_training)
-from captured_step import GraphedForward
 from evaluation import autocast_context
 from health import EpochSignals, collapse_warning, embedding_spread
 
@@ -87,6 +87,7 @@ class Trainer:
         self.batches_done_in_epoch = 0  # > 0 only in a checkpoint written mid-epoch (after a stop signal)
         self.stop_signal: str | None = None
         self.warned_collapse = False
+        self.proxy_loss = next(iter(objective.parameters()), None) is not None  # it learns proxies of its own
 
     # ---- one optimisation step -------------------------------------------------------------
     def train_step(self, images: torch.Tensor, labels: torch.Tensor,
@@ -250,8 +251,7 @@ class Trainer:
                        f"{summary.get('train/embedding_spread', math.nan):.3f}, "
                        f"active {100 * summary.get('train/active_fraction', math.nan):.1f}%{shown}"
                        + (" (best)" if improved and validation else ""))
-            has_proxies = any(True for _ in self.objective.parameters())
-            warning = collapse_warning(record, self.history[0], proxy_loss=has_proxies)
+            warning = collapse_warning(record, self.history[0], proxy_loss=self.proxy_loss)
             if warning and not self.warned_collapse:  # once per process: the advice does not change
                 tqdm.write(warning)
                 self.warned_collapse = True

@@ -259,7 +259,7 @@ def evaluate_test_split(config, checkpoint_arg: str | None, run_dir: Path, prefi
     apply_speed_options(model, config.model.attention, compile_backbone=config.eval.compile)
     model = model.to(device)  # the device starts here
     # Each process embeds its shard of whole batches; rank 0 gets them all back in list order.
-    shard = shard_of_batches(len(test_list), config.eval.batch_size, processes) if processes.distributed else None
+    shard = shard_of_batches(len(test_list), config.eval.batch_size, processes)
     loader = evaluation_loader(test_list, config.data, config.eval.batch_size, device, shard)
     started = time.perf_counter()
     setup_parts = {"imports": imported - entered, "image_list": listed - imported, "model_and_loader": started - listed}

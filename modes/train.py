@@ -139,8 +139,7 @@ def train_in_locked_folder(config, resume: bool, overwrite: bool, init_from: Pat
     # (Building a DataLoader starts no worker and draws from no global RNG.)
     train_loader = training_loader(train_list, config.data, config.train.seed, device, processes.rank,
                                    processes.world_size)
-    val_shard = (shard_of_batches(len(val_list), config.eval.batch_size, processes) if processes.distributed
-                 else None)
+    val_shard = shard_of_batches(len(val_list), config.eval.batch_size, processes)
     val_loader = (evaluation_loader(val_list, config.data, config.eval.batch_size, device, val_shard)
                   if len(val_list) >= 2 else None)
     seed_everything(config.train.seed)

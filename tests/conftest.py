@@ -24,6 +24,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 sys.path.insert(0, str(REPO_ROOT))
 
 
+def load_docs_script(name: str):
+    """docs/<name>.py (a script, not a package module) imported as a module, for its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "docs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def host_tensor_spy():
     """A TorchDispatchMode that lists the operations given a tensor on the host (`.host_ops`).
 

@@ -160,6 +160,15 @@ def test_add_then_search_finds_the_new_item_and_remove_forgets_it(runs, index, t
     assert "no item with id 999" in one_error_line(capsys)
 
 
+def count_chunks_embedded(monkeypatch, embed_chunk, calls: list) -> None:
+    """The build's embed_chunk, appending each chunk's first list position to `calls`."""
+    def counted(*args, **kwargs):
+        calls.append(args[2])
+        return embed_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(catalogue_build, "embed_chunk", counted)
+
+
 class Killed(BaseException):
     """Stands in for SIGKILL: nothing of the build's own clean-up runs after it."""
 
@@ -183,11 +192,7 @@ def test_an_interrupted_build_resumes_and_equals_an_uninterrupted_one(runs, tmp_
     assert not (tmp_path / "index").exists()  # never a half index under the final name
     assert [path.name for path in (tmp_path / "index.partial" / "chunks").glob("chunk_*")] == ["chunk_000000.npz"]
 
-    def counted(*args, **kwargs):
-        calls.append(args[2])
-        return embed_chunk(*args, **kwargs)
-
-    monkeypatch.setattr(catalogue_build, "embed_chunk", counted)
+    count_chunks_embedded(monkeypatch, embed_chunk, calls)
     assert run_cli(*arguments) == 0
     assert calls == [0, 5, 10]  # the first chunk was embedded once, before the kill
     assert not (tmp_path / "index.partial").exists() and not (tmp_path / "index" / "chunks").exists()
@@ -232,12 +237,7 @@ def test_a_build_killed_by_sigkill_resumes_and_equals_an_uninterrupted_one(runs,
     assert kept and len(kept) < TEST_IMAGES
 
     embed_chunk, calls = catalogue_build.embed_chunk, []
-
-    def counted(*args, **kwargs):
-        calls.append(args[2])
-        return embed_chunk(*args, **kwargs)
-
-    monkeypatch.setattr(catalogue_build, "embed_chunk", counted)
+    count_chunks_embedded(monkeypatch, embed_chunk, calls)
     assert run_cli(*arguments) == 0
     assert calls == [start for start in range(TEST_IMAGES) if start not in kept]  # nothing embedded twice
     assert not (tmp_path / "index.partial").exists()

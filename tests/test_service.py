@@ -6,7 +6,6 @@ docs/make_catalogue_page_screenshot.py; here its wiring is checked without servi
 The index is the one tests/test_catalogue.py builds: a dozen generated demo images, the tiny random backbone.
 """
 
-import importlib.util
 import io
 import json
 import socket
@@ -22,23 +21,15 @@ from PIL import Image
 
 import main
 from catalogue import Catalogue, service
-from conftest import REPO_ROOT
+from conftest import load_docs_script
 from test_catalogue import write_run
 
 MAX_UPLOAD_BYTES = 300_000  # the server's limit here
 REQUEST_S = 30  # generous: the CI machine is shared
 
 
-def load_page_helpers():
-    """docs/make_catalogue_page_screenshot.py: the server and browser helpers the docs picture is made with."""
-    path = REPO_ROOT / "docs" / "make_catalogue_page_screenshot.py"
-    spec = importlib.util.spec_from_file_location("make_catalogue_page_screenshot", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-page_helpers = load_page_helpers()
+# docs/make_catalogue_page_screenshot.py: the server and browser helpers the docs picture is made with.
+page_helpers = load_docs_script("make_catalogue_page_screenshot")
 
 
 @pytest.fixture(scope="module")

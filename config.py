@@ -36,6 +36,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "triplets_per_batch": 16,  # sampler=triplets: a batch holds 3 x this many images
         "num_workers": -1,  # -1 = one per available CPU core
         "cache_dir": "",  # a downsized copy built by `--mode cache` ("" = read the originals)
+        "eval_decode": "workers",  # workers | device: who decodes evaluation JPEGs (device = nvjpeg on CUDA)
         "on_bad_image": "error",  # error (stop, naming the file) | skip (leave it out, count it, list it in the run folder)
         "startup_check": "full",  # before training, decode every train/validation image (full), read headers only, or none
         "allow_outside_root": False,  # let list lines and symlinks point outside data.root (e.g. another mount)
@@ -112,6 +113,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.sampler": ("pk", "triplets", "shuffle"),
     "data.repeat_positives": ("allow", "skip"),
     "data.on_bad_image": ("error", "skip"),
+    "data.eval_decode": ("workers", "device"),
     "data.startup_check": ("full", "headers", "none"),
     "train.loss": ("triplet", "contrastive", "multi_similarity", "circle", "supcon", "proxy_anchor",
                    "normalized_softmax", "arcface", "subcenter_arcface"),
@@ -436,6 +438,11 @@ KEY_DOCS: dict[str, str] = {
                                "several processes)",
     "data.num_workers": "loader processes; -1 = one per CPU core this process may use",
     "data.cache_dir": "read images from this downsized copy (built by `--mode cache`); `\"\"` = the originals",
+    "data.eval_decode": "evaluation, validation and catalogue images: `workers` decode and resize them in the loader "
+                        "processes; `device`: the workers only read each colour JPEG's bytes, and the evaluation "
+                        "device decodes (nvjpeg on CUDA) and resizes a batch at once (dataloaders/device_decode.py; "
+                        "on a CPU that is the main process, slower than the workers). Training images are always "
+                        "decoded by the workers",
     "data.on_bad_image": "an image that cannot be read: `error` stops with one line naming the file; `skip` leaves it "
                          "out, counts it and lists it in `output.dir/skipped_images.jsonl`",
     "data.startup_check": "before training, decode every train/validation image (`full`), read only headers "

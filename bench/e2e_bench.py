@@ -2,6 +2,7 @@
 
     python bench/e2e_bench.py --images 60502 --out e2e.json       # on a GPU machine
     python bench/e2e_bench.py --images 60502 --cache --out e2e.json  # from a --mode cache copy (292 px)
+    python bench/e2e_bench.py --images 60502 --decode device         # JPEGs decoded by nvjpeg on the GPU
     python bench/e2e_bench.py --tiny                               # a CPU smoke test
 
 It writes SOP-like synthetic JPEGs (500 x 500, quality 90; classes of 2-12 images, in SOP's list format),
@@ -76,6 +77,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--cache", action="store_true", help="evaluate from a downsized --mode cache copy")
+    parser.add_argument("--decode", default="workers", choices=("workers", "device"),
+                        help="data.eval_decode: loader workers decode, or the evaluation device (nvjpeg on CUDA)")
     parser.add_argument("--extra", default="", help="more key=value overrides, space separated")
     parser.add_argument("--out", type=Path)
     arguments = parser.parse_args()
@@ -107,7 +110,7 @@ def main() -> None:
             "data.format=sop", f"data.root={root}", f"model.backbone={backbone}", "model.embedding_dim=0",
             f"model.attention={arguments.attention}", f"data.num_workers={arguments.workers}",
             f"eval.batch_size={arguments.batch_size}", "wandb.mode=disabled", f"output.dir={Path(temporary) / 'run'}",
-            f"data.image_size={image_size}", *cache_settings,
+            f"data.image_size={image_size}", f"data.eval_decode={arguments.decode}", *cache_settings,
             # every k must stay below the number of test images (main.py refuses the rest)
             f"eval.recall_ks=[{','.join(str(k) for k in (1, 10, 100, 1000) if k < num_images)}]",
             f"eval.map_ks=[{','.join(str(k) for k in (1000,) if k < num_images)}]", *arguments.extra.split(),
@@ -125,7 +128,7 @@ def main() -> None:
               "seconds_search": report["seconds_search"], "seconds_metrics": report["seconds_metrics"],
               "embed_images_per_second": round(num_images / report["seconds_embed"], 1),
               "attention": arguments.attention, "batch_size": arguments.batch_size, "workers": arguments.workers,
-              "from_cache": arguments.cache}
+              "from_cache": arguments.cache, "decode": arguments.decode}
     print(json.dumps(result))
     # setup: from run_eval's start to the first batch asked for (its imports, image list, device, model load);
     # the wall time also holds the process start and main.py's imports before it, and the report, saved
@@ -133,7 +136,8 @@ def main() -> None:
     print("\n| images | from | whole eval command (s) | setup (s) | embedding (s) | of which waiting for images (s) "
           "| of which first batch (s) | device busy (s) | images/s | kNN search (s) | metrics (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    source = "cache" if arguments.cache else "originals"
+    source = ("cache" if arguments.cache else "originals") + (", decoded on the device" if arguments.decode == "device"
+                                                              else "")
     print(f"| {num_images} | {source} | {result['wall_seconds']} | {result['seconds_setup']} | {result['seconds_embed']} | "
           f"{result['seconds_embed_waiting_for_images']} | {result['seconds_embed_to_first_batch']} | "
           f"{result['seconds_embed_on_device']} | {result['embed_images_per_second']} | "

@@ -21,7 +21,7 @@ set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 OUT=${OUT:-/tmp/gpu_session}
 DRY_RUN=${DRY_RUN:-0}
-DEFAULT_STEPS="cuda_tests train_captured train_flex e2e attention knn knn_card sweeps"
+DEFAULT_STEPS="cuda_tests train_captured train_flex e2e e2e_device_decode attention knn knn_card sweeps"
 STEPS=${STEPS:-$DEFAULT_STEPS}
 PY=${PY:-python3}
 if [ "$DRY_RUN" = 1 ]; then
@@ -32,7 +32,8 @@ fi
 START=$(date +%s)
 SKIPPED=""
 mkdir -p "$OUT"
-# At most 8 files come back from the device: one log (this header included) and one JSON per default step.
+# At most 8 files come back from the device: one log (this header included) and, at the end, results.json, which
+# gathers every step's JSON (one file per step would pass that limit).
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/session.log"
 else
@@ -69,8 +70,9 @@ fi
 
 # The captured training step against the same step uncaptured, one compiled SDPA model for all rows (its cold
 # compile is most of the time), then the compiled embedding and the compiled embedding replayed as a CUDA graph.
-# Correctness first: the graphs' losses and weights against eager steps on the tiny model (CUDA tests).
-step cuda_tests 40 $PY -m pytest -q -p no:cacheprovider tests/test_captured_step.py -k cuda
+# Correctness first: the graphs' losses and weights against eager steps on the tiny model, and nvjpeg's pictures
+# against the loader's (CUDA tests).
+step cuda_tests 50 $PY -m pytest -q -p no:cacheprovider tests/test_captured_step.py tests/test_device_decode.py -k cuda
 step train_captured 240 $PY bench/train_bench.py $TINY --steps 6 --warmup 2 \
   --only "reference,): SDPA + torch.compile,embed bf16: SDPA + torch.compile" --out "$OUT/train_captured.json"
 # flex_attention in the compiled step, uncaptured and captured (its own cold compile).
@@ -78,6 +80,9 @@ step train_flex 220 $PY bench/train_bench.py $TINY --steps 6 --warmup 2 --only "
   --out "$OUT/train_flex.json"
 # The whole --mode eval of 60,502 JPEGs (the on-device masks and the uncompiled CUDA graph, eval.cuda_graph).
 step e2e 110 $PY bench/e2e_bench.py "${E2E_SIZE[@]}" --workers $WORKERS --out "$OUT/e2e.json"
+# The same with the JPEGs decoded by nvjpeg on the GPU (data.eval_decode=device): workers only read bytes.
+step e2e_device_decode 110 $PY bench/e2e_bench.py "${E2E_SIZE[@]}" --workers $WORKERS --decode device \
+  --out "$OUT/e2e_device_decode.json"
 # The attention module alone, forward + backward and forward: SDPA vs flex, both bias layouts (stage 1, masked).
 step attention 70 $PY bench/attention_bench.py $TINY --scope module --module-stages 1 \
   --variants sdpa,flex,flex-gathered --out "$OUT/attention.json"
@@ -101,12 +106,25 @@ step sweep_compiled 360 $PY bench/train_bench.py $TINY --steps 4 --warmup 2 --sw
 step e2e_cache 170 $PY bench/e2e_bench.py "${E2E_SIZE[@]}" --workers $WORKERS --cache --out "$OUT/e2e_cache.json"
 step e2e_flex 200 $PY bench/e2e_bench.py "${E2E_SIZE[@]}" --workers $WORKERS --attention flex \
   --out "$OUT/e2e_flex.json"
-# GPU JPEG decoding, one image and lists per call, against the loader's CPU decode (issue 17 item 4: measured
-# before any code depends on it).
+# GPU JPEG decoding, one image and lists per call, and the whole data.eval_decode=device batch (decode, turn,
+# resize, crop), against the loader's CPU decode.
 step jpeg_decode 40 $PY bench/jpeg_decode_bench.py $TINY --out "$OUT/jpeg_decode.json"
 # Step time with and without the DDP wrapper in a world of one (NCCL; more rows with more GPUs), issue 16.
 step ddp 120 $PY bench/ddp_bench.py $TINY --steps 10 --out "$OUT/ddp.json"
 
+$PY - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+parts = sorted(path for path in out.glob("*.json") if path.name != "results.json")
+gathered = out / "results.json"  # kept from an earlier command into the same folder, when there is one
+results = json.loads(gathered.read_text()) if gathered.exists() else {}
+results.update({path.stem: json.loads(path.read_text()) for path in parts})
+gathered.write_text(json.dumps(results, indent=1))
+for path in parts:
+    path.unlink()
+print(f"=== {len(parts)} step results gathered in {out / 'results.json'}")
+PY
 echo "=== session done in $(( $(date +%s) - START ))s" | tee -a "$OUT/session.log"
 if [ -n "$SKIPPED" ]; then
   echo "=== skipped for time; run next: STEPS=\"${SKIPPED# }\" OUT=$OUT bash bench/gpu_session.sh" | tee -a "$OUT/session.log"

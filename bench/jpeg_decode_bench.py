@@ -12,7 +12,10 @@ only decoding is timed):
   one CPU thread;
 - torchvision decode_jpeg on the CPU, one image per call;
 - torchvision decode_jpeg on CUDA, one image per call and a list of --batch per call (nvjpeg's batched decode;
-  a list failed on an earlier torchvision, which is why this is measured before it is used).
+  a list failed on an earlier torchvision, which is why this is measured before it is used);
+- the whole batch of `data.eval_decode=device` (`dataloaders.device_decode.decoded_batch`: decode, EXIF turn,
+  resize to 292 and crop to 256, batches of --batch), on the CPU and on CUDA, compared with the loader's
+  evaluation pictures (its decode, then `EvalResizeAndCentreCrop`).
 Each row also gives the largest and mean absolute difference (0-255) from the loader's full-size decode: different
 decoders (libjpeg-turbo, nvjpeg) may round the IDCT and the chroma upsampling differently.
 """
@@ -33,7 +36,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.synthetic_photos import write_sop_like_jpegs  # noqa: E402
-from dataloaders.image_files import load_rgb_tensor  # noqa: E402
+from dataloaders.device_decode import EncodedJpeg, PendingBatch, decoded_batch  # noqa: E402
+from dataloaders.image_files import load_rgb_tensor, read_jpeg_bytes  # noqa: E402
+from dataloaders.transforms import build_transforms  # noqa: E402
+
+IMAGE_SIZE = 256  # the evaluation input of Swinv2-B/256: resize to 292, crop 256
 
 
 def timed(decode_all, repeats: int, count: int, synchronize) -> tuple[float, list[torch.Tensor]]:
@@ -79,12 +86,15 @@ def main(argv=None) -> None:
             return None
 
         reference = [load_rgb_tensor(file) for file in files]
+        evaluation_transform = build_transforms(IMAGE_SIZE, train=False)
+        evaluation_reference = [evaluation_transform(picture) for picture in reference]
+        jpegs = [EncodedJpeg(*read_jpeg_bytes(file), str(file)) for file in files]
         rows = []
 
-        def add(name: str, decode_all, synchronize=cpu_sync):
+        def add(name: str, decode_all, synchronize=cpu_sync, compare_with=reference):
             try:
                 per_second, decoded = timed(decode_all, repeats, count, synchronize)
-                largest, mean = difference(decoded, reference)
+                largest, mean = difference(decoded, compare_with)
                 rows.append({"row": name, "images_per_second": round(per_second, 1), "max_abs_diff": largest,
                              "mean_abs_diff": round(mean, 4)})
             except Exception as error:  # noqa: BLE001 - a decoder that fails here is a result
@@ -95,6 +105,23 @@ def main(argv=None) -> None:
             lambda: [load_rgb_tensor(file, draft_size=292) for file in files])
         add("torchvision decode_jpeg, CPU, one per call",
             lambda: [decode_jpeg(item, mode=ImageReadMode.RGB) for item in data])
+
+        def device_batches(device):
+            def decode_all():
+                pictures = []
+                for start in range(0, count, arguments.batch):
+                    images, _, failed = decoded_batch(PendingBatch(jpegs[start:start + arguments.batch]), device,
+                                                      IMAGE_SIZE)
+                    assert not failed, failed
+                    pictures += list(images)
+                return pictures
+            return decode_all
+
+        add("the loader + its evaluation transform (decode + resize + crop), 1 thread",
+            lambda: [evaluation_transform(load_rgb_tensor(file, draft_size=292)) for file in files],
+            compare_with=evaluation_reference)
+        add(f"data.eval_decode=device batches of {arguments.batch} (decode + resize + crop), CPU main process",
+            device_batches(torch.device("cpu")), compare_with=evaluation_reference)
         if torch.cuda.is_available():
             def cuda_sync():
                 torch.cuda.synchronize()
@@ -110,13 +137,15 @@ def main(argv=None) -> None:
                 return decoded
 
             add(f"torchvision decode_jpeg, CUDA, lists of {arguments.batch}", in_lists, cuda_sync)
+            add(f"data.eval_decode=device batches of {arguments.batch} (decode + resize + crop), CUDA",
+                device_batches(torch.device("cuda")), cuda_sync, compare_with=evaluation_reference)
 
     import torchvision
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
     print(f"{count} SOP-like {arguments.size} x {arguments.size} JPEGs; torch {torch.__version__}, torchvision "
           f"{torchvision.__version__}; {device}\n")
-    print("| decoder | images/s | max / mean abs diff from the loader |")
+    print("| decoder | images/s | max / mean abs diff from the loader's pictures |")
     print("|---|---:|---|")
     for row in rows:
         if "error" in row:

@@ -56,13 +56,22 @@ class ImageDataset(Dataset):
         path = self.image_list.root / self.image_list.paths[index]
         label = int(self.image_list.labels[index])
         try:
-            image = load_rgb_tensor(path, self.decode_size, root=self.confine_to, max_bytes=self.max_image_bytes)
+            picture = self.read(path)
         except Exception as error:  # noqa: BLE001 - any decoder error means this file is bad; name it
             reason, detail = describe_image_error(path, error)
             if not self.skip_bad_images:
                 raise BadImageError(bad_image_message(path, reason, detail)) from None
             return SkippedImage(reason, detail), label, int(index)
-        return self.transform(image), label, int(index)
+        return self.finish(picture), label, int(index)
+
+    def read(self, path):
+        """The file's upright RGB picture; raises on a bad file (a subclass may read less, see device_decode)."""
+        return load_rgb_tensor(path, self.decode_size, root=self.confine_to, max_bytes=self.max_image_bytes)
+
+    def finish(self, picture):
+        """What the item carries for `read`'s picture: the transformed picture. Outside the bad-file handling,
+        so a transform's own bug is raised, not reported as a bad image."""
+        return self.transform(picture)
 
 
 def collate_skipping_bad_images(items: list[tuple]) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list]:
@@ -112,6 +121,7 @@ def stop_loader_workers(*loaders) -> None:
     `_iterator`, the documented home of persistent workers, since there is no public close().
     """
     for loader in loaders:
+        loader = getattr(loader, "source_loader", loader)  # device_decode.DeviceDecodingLoader wraps one
         iterator = getattr(loader, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()

@@ -155,6 +155,27 @@ def load_rgb_tensor(path: Path, draft_size: int | None = None, root: Path | None
         return pil_to_tensor(_decode_upright_rgb(image, draft_size))
 
 
+EXIF_ORIENTATION_TAG = 0x0112
+
+
+def read_jpeg_bytes(path: Path, root: Path | None = None, max_bytes: int = MAX_IMAGE_BYTES
+                    ) -> tuple[torch.Tensor, int] | None:
+    """(the file's bytes as a uint8 tensor, its EXIF orientation 1-8) for a colour JPEG that another decoder
+    (nvjpeg, `dataloaders.device_decode`) can turn into the picture `load_rgb_tensor` gives; None for anything
+    else (other formats, grey or CMYK JPEGs), which the caller decodes with `load_rgb_tensor`.
+
+    The file is opened and its header read as `load_rgb_tensor` does (`root`, `max_bytes`, the
+    decompression-bomb limit), so a bad file raises the same errors here.
+    """
+    with open_image_file(path, root, max_bytes) as stream, _open_header(stream) as image:
+        if image.format != "JPEG" or image.mode != "RGB":
+            return None
+        orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+        stream.seek(0)
+        data = stream.read(max_bytes)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), (orientation if orientation in range(1, 9) else 1)
+
+
 def _open_header(source) -> Image.Image:
     """PIL's lazy open (header only), with the decompression-bomb warning raised as an error."""
     with warnings.catch_warnings():

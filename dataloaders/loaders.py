@@ -77,14 +77,21 @@ def evaluation_loader(image_list, data, batch_size: int, device: torch.device,
     """Every image once (or those at positions `items`: a process's shard), in list order, with the evaluation
     transforms."""
     workers = worker_count(data.num_workers)
-    dataset = ImageDataset(image_list, build_transforms(data.image_size, train=False),
-                           decode_size(data.image_size, train=False), skip_bad_images=data.on_bad_image == "skip",
-                           allow_outside_root=data.allow_outside_root, max_image_bytes=data.max_image_bytes)
+    on_device = data.eval_decode == "device"  # the workers read JPEG bytes; `device` decodes a batch at once
+    if on_device:
+        from .device_decode import DeviceDecodingLoader, JpegBytesDataset, collate_jpeg_bytes
+    dataset = (JpegBytesDataset if on_device else ImageDataset)(
+        image_list, build_transforms(data.image_size, train=False), decode_size(data.image_size, train=False),
+        skip_bad_images=data.on_bad_image == "skip", allow_outside_root=data.allow_outside_root,
+        max_image_bytes=data.max_image_bytes)
     if items is not None:  # items keep their list positions: the loader yields those as indices
         dataset = torch.utils.data.Subset(dataset, items)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                       worker_init_fn=ignore_stop_signals, collate_fn=collate_skipping_bad_images)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         pin_memory=device.type == "cuda" and not on_device,
+                                         persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals,
+                                         collate_fn=collate_jpeg_bytes if on_device else collate_skipping_bad_images)
+    return (DeviceDecodingLoader(loader, device, data.image_size, data.on_bad_image == "skip") if on_device
+            else loader)
 
 
 def batch_shape_hint(data, num_images: int, usable_classes: int) -> str:

@@ -1,0 +1,208 @@
+"""Evaluation images decoded on the evaluation device (`data.eval_decode=device`).
+
+The loader's workers only read each colour JPEG's bytes and EXIF orientation (`image_files.read_jpeg_bytes`);
+the main process hands the whole batch to torchvision's `decode_jpeg` on the evaluation device (nvjpeg's
+batched decoder on CUDA), turns each picture upright, and resizes and crops every group of same-sized
+pictures in one call, there. Why: on the H200 machine, embedding the 60,502-image test set ran at 1,400
+images/s from 16 workers decoding with libjpeg-turbo, against 2,080 for the forward alone (issue 17,
+docs/performance.md); nvjpeg moves the decode off those cores.
+
+What the pictures are: on the CPU, the loader's own, bit for bit (the same libjpeg-turbo decode and uint8
+resize; tested). On CUDA, nvjpeg's IDCT and chroma upsampling and torchvision's float resize may differ from
+them by a few levels of 255 (`bench/jpeg_decode_bench.py` measures by how much). A JPEG is always decoded at
+full size here: the CPU path's reduced-scale (draft) decode of very large JPEGs does not apply.
+
+Files that are not colour JPEGs (PNG, WebP, grey or CMYK JPEGs...) are decoded by the worker as before and
+join the batch already resized. A JPEG the device decoder refuses is decoded again on the CPU by
+`load_rgb_tensor`, which either reads it or names what is wrong with it, and that image is then skipped or
+stops the run as `data.on_bad_image` says, like any bad image.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from torchvision.transforms.v2 import functional as F
+
+from .datasets import ImageDataset, SkippedImage
+from .image_files import BadImageError, bad_image_message, describe_image_error, load_rgb_tensor, read_jpeg_bytes
+from .transforms import eval_resize_size
+
+try:  # deprecated in favour of TorchCodec from torchvision 0.29 (pinned); data.eval_decode=device needs it
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:  # pragma: no cover - a future torchvision
+    decode_jpeg = None
+
+
+class EncodedJpeg(NamedTuple):
+    """A colour JPEG as the worker read it: its bytes (uint8, 1-D, CPU), EXIF orientation (1-8) and path."""
+
+    data: torch.Tensor
+    orientation: int
+    path: str
+
+
+class JpegBytesDataset(ImageDataset):
+    """ImageDataset whose colour JPEGs come back as `EncodedJpeg` (decoded later, a batch at once, by
+    `DeviceDecodingLoader`); every other file is decoded and transformed as ImageDataset does."""
+
+    def read(self, path):
+        encoded = read_jpeg_bytes(path, root=self.confine_to, max_bytes=self.max_image_bytes)
+        return super().read(path) if encoded is None else EncodedJpeg(*encoded, str(path))
+
+    def finish(self, picture):
+        return picture if isinstance(picture, EncodedJpeg) else self.transform(picture)
+
+
+class PendingBatch(NamedTuple):
+    """A batch as the workers deliver it: per row, an `EncodedJpeg` or a finished uint8 picture [3, S, S]."""
+
+    pictures: list
+
+
+def collate_jpeg_bytes(items: list[tuple]) -> tuple[PendingBatch | None, torch.Tensor, torch.Tensor, list]:
+    """`collate_skipping_bad_images` for JpegBytesDataset: the pictures stay a list (the JPEGs have different
+    sizes until they are decoded), in a PendingBatch; unreadable images are left out and listed."""
+    kept = [item for item in items if not isinstance(item[0], SkippedImage)]
+    skipped = [(index, image.reason, image.detail) for image, _, index in items if isinstance(image, SkippedImage)]
+    if not kept:
+        return None, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped
+    pictures, labels, indices = zip(*kept)
+    return PendingBatch(list(pictures)), torch.tensor(labels), torch.tensor(indices), skipped
+
+
+def upright(picture: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A decoded [C, H, W] picture turned as EXIF orientation 1-8 says (as PIL's exif_transpose does)."""
+    height_width = (-2, -1)
+    if orientation == 2:
+        return picture.flip(-1)
+    if orientation == 3:
+        return picture.flip(height_width)
+    if orientation == 4:
+        return picture.flip(-2)
+    if orientation == 5:
+        return picture.transpose(-2, -1)
+    if orientation == 6:  # stored turned left: turn it right (clockwise)
+        return torch.rot90(picture, -1, height_width)
+    if orientation == 7:
+        return picture.transpose(-2, -1).flip(height_width)
+    if orientation == 8:
+        return torch.rot90(picture, 1, height_width)
+    return picture
+
+
+def decode_jpegs(jpegs: list[EncodedJpeg], device: torch.device) -> list[torch.Tensor | BaseException]:
+    """Each JPEG decoded to RGB on `device`, or the reason it could not be.
+
+    One call for the whole list (nvjpeg's batched decode on CUDA). That call returns nothing when any JPEG
+    fails, so then each is decoded alone, and one the device decoder still refuses is read on the CPU by
+    `load_rgb_tensor` (which applies the EXIF orientation itself; the result is returned with orientation
+    1 in mind, see `decoded_upright`): a valid file nvjpeg does not support is read, a broken one raises.
+    """
+    if not jpegs:
+        return []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29's notice, once per call
+        try:
+            return list(decode_jpeg([jpeg.data for jpeg in jpegs], mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            pass
+        results: list[torch.Tensor | BaseException] = []
+        for jpeg in jpegs:
+            try:
+                results.append(decode_jpeg(jpeg.data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                try:
+                    results.append(CpuDecoded(load_rgb_tensor(jpeg.path)))
+                except Exception as error:  # noqa: BLE001 - the reason this file is bad; the caller names it
+                    results.append(error)
+        return results
+
+
+class CpuDecoded(NamedTuple):
+    """A picture `load_rgb_tensor` read after the device decoder refused the file: already upright."""
+
+    picture: torch.Tensor
+
+
+def resized_and_cropped(pictures: list[torch.Tensor], image_size: int) -> list[torch.Tensor]:
+    """The evaluation transform (`transforms.EvalResizeAndCentreCrop`) of upright [3, H, W] pictures, one
+    resize and crop per group of equal size instead of one per picture."""
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for row, picture in enumerate(pictures):
+        groups[tuple(picture.shape[-2:])].append(row)
+    finished: list[torch.Tensor | None] = [None] * len(pictures)
+    for rows in groups.values():
+        # Stacked pixel by pixel (N, H, W, 3 in memory): one copy, in the layout the decoders return and the uint8
+        # resize kernel wants.
+        stacked = torch.stack([pictures[row].permute(1, 2, 0) for row in rows]).permute(0, 3, 1, 2)
+        resized = F.resize(stacked, eval_resize_size(image_size), antialias=True)
+        cropped = F.center_crop(resized, [image_size, image_size])
+        for position, row in enumerate(rows):
+            finished[row] = cropped[position]
+    return finished
+
+
+def decoded_batch(batch: PendingBatch, device: torch.device, image_size: int
+                  ) -> tuple[torch.Tensor | None, list[int], list[tuple[int, BaseException, str]]]:
+    """(images [B', 3, S, S] uint8 on `device`, laid out channels-last as the CPU loader's batches are;
+    the rows of the batch they are; [(row, error, path)] for the rows that could not be decoded)."""
+    jpeg_rows = [row for row, picture in enumerate(batch.pictures) if isinstance(picture, EncodedJpeg)]
+    jpegs, is_jpeg = [batch.pictures[row] for row in jpeg_rows], set(jpeg_rows)
+    decoded_rows, decoded, failed = [], [], []
+    for row, jpeg, result in zip(jpeg_rows, jpegs, decode_jpegs(jpegs, device)):
+        if isinstance(result, BaseException):
+            failed.append((row, result, jpeg.path))
+        elif isinstance(result, CpuDecoded):
+            decoded_rows.append(row)
+            decoded.append(result.picture.to(device))
+        else:
+            decoded_rows.append(row)
+            decoded.append(upright(result, jpeg.orientation))
+    finished = dict(zip(decoded_rows, resized_and_cropped(decoded, image_size)))
+    kept = [row for row in range(len(batch.pictures)) if row in finished or row not in is_jpeg]
+    if not kept:
+        return None, kept, failed
+    images = torch.empty((len(kept), image_size, image_size, 3), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
+    for position, row in enumerate(kept):
+        picture = finished.get(row)
+        images[position].copy_(batch.pictures[row] if picture is None else picture, non_blocking=True)
+    return images, kept, failed
+
+
+class DeviceDecodingLoader:
+    """Iterates a DataLoader of `JpegBytesDataset` items (`collate_jpeg_bytes`) and yields what the CPU
+    evaluation loader yields, `(images, labels, indices, skipped)`, with the images decoded on `device`.
+
+    A JPEG that cannot be read raises `BadImageError` naming it, or, with skip_bad_images, is left out
+    and listed in `skipped` as `(index, reason, detail)`, as the workers do for the files they decode.
+    Decoding batch i+1 is queued while the device still runs batch i's forward (both are asynchronous
+    on CUDA), so the two overlap without a second stream.
+    """
+
+    def __init__(self, source_loader, device: torch.device, image_size: int, skip_bad_images: bool) -> None:
+        if decode_jpeg is None:  # pragma: no cover - a future torchvision without its decoders
+            raise RuntimeError("data.eval_decode=device needs torchvision.io.decode_jpeg (torchvision <= 0.29)")
+        self.source_loader, self.device = source_loader, device
+        self.image_size, self.skip_bad_images = image_size, skip_bad_images
+        self.batch_size, self.dataset = source_loader.batch_size, source_loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.source_loader)
+
+    def __iter__(self) -> Iterator[tuple]:
+        for batch, labels, indices, skipped in self.source_loader:
+            if batch is None:
+                yield None, labels, indices, skipped
+                continue
+            images, kept, failed = decoded_batch(batch, self.device, self.image_size)
+            for row, error, path in failed:
+                reason, detail = describe_image_error(path, error)
+                if not self.skip_bad_images:
+                    raise BadImageError(bad_image_message(path, reason, detail))
+                skipped = skipped + [(int(indices[row]), reason, detail)]
+            yield images, labels[kept], indices[kept], skipped

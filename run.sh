@@ -15,6 +15,10 @@ PYTHON=${PYTHON:-python}
 TORCHRUN=${TORCHRUN:-torchrun}
 NPROC_PER_NODE=${NPROC_PER_NODE:-1}
 NNODES=${SLURM_NNODES:-1}
+# torch.compile's kernels (configs/sop.yaml compiles) are kept beside the code, on the cluster's shared filesystem,
+# instead of in each node's /tmp: a requeued or later job on another node reads them back instead of compiling
+# for minutes again (docs/performance.md). An inductor cache directory set by the caller wins.
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/torchinductor}
 
 OUTPUT_DIR=$("$PYTHON" - "$CONFIG" "$@" <<'PY'
 import sys

@@ -115,6 +115,19 @@ def test_interactive_srun_on_one_gpu_runs_python_as_before(slurm):
                          "python main.py --mode eval --config configs/sop.yaml data.root=/data/sop"]
 
 
+@pytest.mark.parametrize("given", ["", "/scratch/inductor"])
+def test_compiled_kernels_are_cached_on_the_shared_filesystem_unless_the_caller_chose_a_place(slurm, tmp_path, given):
+    run, _, _ = slurm
+    telling_python = tmp_path / "bin" / "python_telling_its_cache"
+    telling_python.write_text('#!/usr/bin/env bash\n[ "$1" = "-" ] && { echo "$OUTPUT_DIR"; exit 0; }\n'
+                              'echo "cache=${TORCHINDUCTOR_CACHE_DIR:-unset} $2 $3" >> "$LOG"\n')
+    telling_python.chmod(0o755)
+    code, calls = run(["./run.sh"], PYTHON=str(telling_python), **({"TORCHINDUCTOR_CACHE_DIR": given} if given else {}))
+    assert code == 0
+    cache = given or str(REPO_ROOT / ".cache/torchinductor")
+    assert calls == [f"cache={cache} --mode train", f"cache={cache} --mode eval"]
+
+
 def test_several_gpus_of_one_node_use_a_standalone_torchrun(slurm):
     run, _, _ = slurm
     code, calls = run(["./run.sh", "data.root=/data/sop"], NPROC_PER_NODE="2")

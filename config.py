@@ -82,7 +82,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "backend": "auto",  # auto | faiss | torch
         "batch_size": 128,  # images per forward pass when embedding
         "cuda_graph": True,  # on CUDA, replay the embedding forward from one captured graph (not with train.compile)
-        "memory_gb": 1.0,  # working memory of the exact kNN search (its block size follows from this)
+        "memory_gb": 0.0,  # working memory of the exact kNN search (its block size follows); 0 = 1 GB / card-sized
         "precision": "bf16",  # default: train.precision
         "device": "auto",  # default: train.device
         "compile": False,  # default: train.compile
@@ -314,7 +314,7 @@ def _validate(values: dict) -> None:
         ("data.demo_images_per_class", values["data"]["demo_images_per_class"] >= 2, "must be at least 2"),
         ("data.replay_fraction", 0 < values["data"]["replay_fraction"] <= 1, "must be in (0, 1]"),
         ("eval.batch_size", values["eval"]["batch_size"] >= 1, "must be at least 1"),
-        ("eval.memory_gb", values["eval"]["memory_gb"] > 0, "must be positive"),
+        ("eval.memory_gb", values["eval"]["memory_gb"] >= 0, "must be positive, or 0 for the device's default"),
         ("eval.recall_ks", len(values["eval"]["recall_ks"]) > 0 and min(values["eval"]["recall_ks"]) >= 1, "must be a non-empty list of k >= 1"),
         ("eval.map_ks", all(k >= 1 for k in values["eval"]["map_ks"]), "must be a list of k >= 1"),
         ("index.hnsw_m", values["index"]["hnsw_m"] >= 2, "must be at least 2"),
@@ -516,8 +516,9 @@ KEY_DOCS: dict[str, str] = {
     "eval.cuda_graph": "on CUDA, capture the embedding forward as a CUDA graph at the start of each embedding pass "
                        "and replay it for every batch (a short batch is padded); off with a compiled backbone, "
                        "for passes of under 4 batches, and if the capture fails (with a warning)",
-    "eval.memory_gb": "working memory of the exact kNN search; its query block size follows from it "
-                      "(the N x k result, 12 bytes per entry, comes on top)",
+    "eval.memory_gb": "working memory of the exact kNN search in GB; its query block size follows from it "
+                      "(the N x k result, 12 bytes per entry, comes on top). 0: 1 GB on the CPU; on CUDA half "
+                      "the card's free memory, and the neighbours and metrics stay on the card",
     "eval.precision": "`--mode eval`'s autocast precision when embedding (validation uses `train.precision`)",
     "eval.device": "`--mode eval`'s device: `auto`, `cpu`, `cuda` or `cuda:N`",
     "eval.compile": "`torch.compile` the backbone for `--mode eval`",

@@ -167,7 +167,7 @@ def require_queries(embedded: Embedded, split: str, num_listed: int, skip_list: 
 
 
 def evaluate_embeddings(embeddings: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
-                        recall_ks: list[int], backend: str = "auto", device: str = "cpu", memory_gb: float = 1.0,
+                        recall_ks: list[int], backend: str = "auto", device: str = "cpu", memory_gb: float | None = None,
                         map_ks: Sequence[int] = (), super_labels: torch.Tensor | np.ndarray | None = None) -> dict:
     """Exact kNN over all items (each query against every other item) and the retrieval metrics.
 
@@ -179,8 +179,9 @@ def evaluate_embeddings(embeddings: torch.Tensor | np.ndarray, labels: torch.Ten
         embeddings: (N, D) float, L2-normalised. labels: (N,) int class of each item.
         recall_ks: the k of Recall@k. map_ks: the k of mAP@k (`metrics.map_at_k`), none by default.
         backend, device: of `retrieval.nearest_neighbours`.
-        memory_gb: the search's working-memory budget in GB (see `retrieval.nearest_neighbours`); the
-            (N, k) neighbour matrix (12 bytes per entry) comes on top.
+        memory_gb: the search's working-memory budget in GB (see `retrieval.nearest_neighbours`); None or 0:
+            1 GB on the CPU, sized to the card on CUDA. The (N, k) neighbour matrix (12 bytes per entry) comes
+            on top. On a CUDA device the neighbours stay there and the metrics are computed there.
         super_labels: (N,) int super class of each item (SOP's super_class_id), or None.
 
     Returns:
@@ -210,8 +211,15 @@ def evaluate_embeddings(embeddings: torch.Tensor | np.ndarray, labels: torch.Ten
     k = min(max(*recall_ks, *map_ks, largest_relevant), num_items - 1)
 
     started = time.perf_counter()
+    # On CUDA the neighbours stay on the card and the metrics run there: no (N, k) copy back, no CPU pass over it.
+    metrics_device = torch.device(device) if torch.device(device).type == "cuda" else torch.device("cpu")
     # Only the indices are used: dropping the scores at once frees (N, k) float32 before the metrics.
-    neighbour_indices = nearest_neighbours(embeddings, k, backend=backend, device=device, memory_gb=memory_gb)[1]
+    neighbour_indices = nearest_neighbours(embeddings, k, backend=backend, device=device, memory_gb=memory_gb or None,
+                                           result_device=metrics_device)[1]
+    labels = labels.to(metrics_device)
+    super_labels = None if super_labels is None else super_labels.to(metrics_device)
+    if metrics_device.type == "cuda":
+        torch.cuda.synchronize(metrics_device)  # the search's time is its own, not the metrics'
     seconds_search = time.perf_counter() - started
 
     started = time.perf_counter()

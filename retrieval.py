@@ -18,7 +18,8 @@ import torch
 log = logging.getLogger("retrieval")
 
 BACKENDS = ("auto", "torch", "faiss")
-DEFAULT_MEMORY_GB = 1.0
+DEFAULT_MEMORY_GB = 1.0  # on the CPU; a CUDA search's default budget is sized to the card (`search_budget_bytes`)
+CUDA_FREE_MEMORY_SHARE = 0.5  # of the card's memory not in use, for a CUDA search without a budget
 FAISS_GPU_MAX_K = 2048  # faiss's GPU k-selection limit (GPU_MAX_SELECTION_K, faiss/gpu/utils/DeviceDefs.cuh)
 
 # Working memory per query row, in bytes, that sizes the blocks (tests/test_retrieval_metrics.py checks the bound):
@@ -50,6 +51,7 @@ def nearest_neighbours(
     device: str | torch.device = "cpu",
     block_size: int | None = None,
     memory_gb: float | None = None,
+    result_device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact inner-product kNN of every item against all *other* items.
 
@@ -69,17 +71,21 @@ def nearest_neighbours(
             untimed. The choice, its reason and, when timed, the times are logged (logger "retrieval", INFO).
         device: where the torch backend (and faiss, if it can) computes.
         block_size: queries per block; overrides the size derived from `memory_gb`.
-        memory_gb: working-memory budget in GB (1e9 bytes), default 1.0 (`DEFAULT_MEMORY_GB`), on `device`
-            for torch. It sizes the query blocks: torch keeps 3/4 of it for a block's float32 [b, N] score
+        memory_gb: working-memory budget in GB (1e9 bytes), on `device` for torch; None: 1.0 GB
+            (`DEFAULT_MEMORY_GB`), or on a CUDA device half of the memory the card has free
+            (`search_budget_bytes`), so the blocks are sized to the card. It sizes the query blocks: torch keeps 3/4 of it for a block's float32 [b, N] score
             matrix and its top-(k + 1) candidates, b = 0.75 * budget / (4 N + 56 (k + 1)) (2,515 queries at
             N = 60,502, k = 1001), and the rest for rows recomputed after a tie; faiss's blocks hold its
             candidate buffers, b = budget / (92 (k + 2)). At least one query per block. Not counted: the
             embeddings, the [N, k] result (12 bytes per entry, 0.73 GB at N = 60,502, k = 1001) and, when
             auto times both backends, the slower one's rows for the timed queries (at most 2048 x k entries).
 
+        result_device: where the results are kept. The device of the search (a CUDA torch search) keeps
+            them there, with nothing copied back per block, for metrics computed on that device.
+
     Returns:
-        scores: [N, min(k, N - 1)] float32, the inner products, on the CPU.
-        indices: [N, min(k, N - 1)] int64 gallery indices, on the CPU.
+        scores: [N, min(k, N - 1)] float32, the inner products, on `result_device`.
+        indices: [N, min(k, N - 1)] int64 gallery indices, on `result_device`.
 
     Ordering contract (exact, whatever the backend):
         * Row i never contains i. The item itself is excluded *by index* (its own score is set to -inf
@@ -127,12 +133,15 @@ def nearest_neighbours(
     num_items, dim = embeddings.shape
     k = min(k, num_items - 1)
     backend, device, reason = _resolve_backend(backend, torch.device(device), k, work=num_items * num_items * dim)
-    budget_bytes = (DEFAULT_MEMORY_GB if memory_gb is None else memory_gb) * 1e9
+    budget_bytes = search_budget_bytes(memory_gb, device)
+    result_device = torch.device(result_device)
     if k == 0:
         log.info("exact kNN: N=%d, k=0: nothing to search", num_items)
-        return torch.empty(num_items, 0), torch.empty(num_items, 0, dtype=torch.int64)
+        return (torch.empty(num_items, 0, device=result_device),
+                torch.empty(num_items, 0, dtype=torch.int64, device=result_device))
     # Filled block by block: concatenating per-block results at the end would hold the result twice.
-    scores, indices = torch.empty(num_items, k), torch.empty(num_items, k, dtype=torch.int64)
+    scores = torch.empty(num_items, k, device=result_device)
+    indices = torch.empty(num_items, k, dtype=torch.int64, device=result_device)
     with torch.no_grad(), ieee_fp32():
         start, num_recomputed = 0, 0
         if backend == "auto":  # on the CPU, big enough to time both backends on the first queries
@@ -150,6 +159,20 @@ def nearest_neighbours(
                                      indices[block_start:block_end])
     _log_recomputed(num_recomputed, num_items)
     return scores, indices
+
+
+def search_budget_bytes(memory_gb: float | None, device: torch.device, free_bytes: int | None = None) -> float:
+    """The search's working memory in bytes: `memory_gb` when given; else 1 GB (`DEFAULT_MEMORY_GB`) off CUDA,
+    and on CUDA `CUDA_FREE_MEMORY_SHARE` of what the card has free, counting what torch's allocator holds
+    unused as free (`free_bytes` stands in for that reading in tests), and at least 1 GB' worth of the default."""
+    if memory_gb is not None:
+        return memory_gb * 1e9
+    if device.type != "cuda":
+        return DEFAULT_MEMORY_GB * 1e9
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+        free_bytes += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return max(CUDA_FREE_MEMORY_SHARE * free_bytes, DEFAULT_MEMORY_GB * 1e9)
 
 
 def _search_first_queries_with_the_faster_backend(embeddings: torch.Tensor, k: int, budget_bytes: float,
@@ -277,7 +300,8 @@ def _searcher(backend: str, embeddings: torch.Tensor, k: int, tie_rows: int, dev
 
 def _torch_searcher(embeddings: torch.Tensor, k: int, tie_rows: int):
     """-> search(start, end, scores, indices): the exact top-k of queries start..end - 1 into the (end - start, k)
-    CPU tensors scores and indices; returns how many of those rows tied at the cut and were recomputed."""
+    tensors scores and indices (on the CPU or the search's device); returns how many of those rows tied at the
+    cut and were recomputed."""
     num_candidates = min(k + 1, len(embeddings) - 1)  # one extra, to see whether the cut at k falls inside a tie
 
     def search(start: int, end: int, scores: torch.Tensor, indices: torch.Tensor) -> int:
@@ -292,7 +316,8 @@ def _torch_searcher(embeddings: torch.Tensor, k: int, tie_rows: int):
         for chunk in tied_rows.split(tie_rows):  # tied rows, a few at a time: full sorts
             top_scores[chunk], top_indices[chunk] = _exact_top_k(block_scores[chunk], k)
         del block_scores
-        scores[:], indices[:] = top_scores.cpu(), top_indices.cpu()
+        scores.copy_(top_scores, non_blocking=scores.device == top_scores.device)
+        indices.copy_(top_indices, non_blocking=indices.device == top_indices.device)
         return len(tied_rows)
     return search
 
@@ -315,11 +340,14 @@ def _faiss_searcher(embeddings: torch.Tensor, k: int, tie_rows: int, device: tor
         candidate_scores = candidate_scores[keep].view(block, num_candidates)
         candidate_indices = candidate_indices[keep].view(block, num_candidates)
         tied_rows = _tied_at_cut(candidate_scores, k).nonzero().squeeze(1)
-        scores[:], indices[:] = _order_by_score_then_index(candidate_scores[:, :k], candidate_indices[:, :k])
+        ordered_scores, ordered_indices = _order_by_score_then_index(candidate_scores[:, :k], candidate_indices[:, :k])
+        scores.copy_(ordered_scores)
+        indices.copy_(ordered_indices)
         del candidate_scores, candidate_indices, keep, is_self
         for rows in tied_rows.split(tie_rows):
             row_scores, row_indices = query_neighbours(tie_embeddings, rows + start, k)
-            scores[rows], indices[rows] = row_scores.cpu(), row_indices.cpu()
+            rows = rows.to(scores.device)
+            scores[rows], indices[rows] = row_scores.to(scores.device), row_indices.to(scores.device)
         return len(tied_rows)
     return search
 

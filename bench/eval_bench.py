@@ -292,7 +292,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dims", default="512,1024")
     parser.add_argument("--devices", default="cpu,cuda")
     parser.add_argument("--k", type=int, default=1001, help="PML's k; ours searches max(recall ks, largest R)")
-    parser.add_argument("--memory-gb", type=float, default=1.0)
+    parser.add_argument("--memory-gb", type=float, default=1.0,
+                        help="the search budget in GB; 0 = the device default (1 GB on the CPU, card-sized on CUDA)")
     parser.add_argument("--noise", type=float, default=2.2,
                         help="noise norm over the unit class centre; 2.2 gives Recall@1 near 0.8 at d=512")
     parser.add_argument("--seed", type=int, default=0)

@@ -362,6 +362,41 @@ def test_tiny_memory_budget_gives_the_same_answer(backend):
         nearest_neighbours(embeddings, 12, backend=backend, memory_gb=0)
 
 
+def test_search_budget_is_the_setting_or_sized_to_the_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert retrieval.search_budget_bytes(2.5, cuda, free_bytes=80e9) == 2.5e9  # a setting wins everywhere
+    assert retrieval.search_budget_bytes(None, cpu) == 1e9
+    assert retrieval.search_budget_bytes(None, cuda, free_bytes=120e9) == 60e9  # half the card's free memory
+    assert retrieval.search_budget_bytes(None, cuda, free_bytes=0.5e9) == 1e9  # never below the CPU default
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_session.sh)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("memory_gb", [None, 2e-5])  # sized to the card (one block), and many small blocks
+def test_cuda_search_kept_on_the_card_equals_the_cpu_search(memory_gb):
+    embeddings = exact_grid(300, seed=11)
+    expected = brute_force_knn(embeddings, 20)[1]
+    scores, indices = nearest_neighbours(embeddings, 20, backend="torch", device="cuda", memory_gb=memory_gb,
+                                         result_device="cuda")
+    assert indices.is_cuda and scores.is_cuda
+    np.testing.assert_array_equal(indices.cpu().numpy(), expected)
+
+
+@needs_cuda
+def test_cuda_evaluation_reports_what_the_cpu_evaluation_reports():
+    embeddings = exact_grid(300, seed=12)
+    labels = torch.arange(300) // 5
+    on_cpu = evaluate_embeddings(embeddings, labels, [1, 10], backend="torch", device="cpu", map_ks=[10],
+                                 super_labels=labels // 7)
+    on_cuda = evaluate_embeddings(embeddings, labels, [1, 10], backend="torch", device="cuda", map_ks=[10],
+                                  super_labels=labels // 7)
+    timings = ("seconds_search", "seconds_metrics")
+    assert {key: value for key, value in on_cuda.items() if key not in timings} == \
+        {key: value for key, value in on_cpu.items() if key not in timings}
+
+
 MEMORY_PROBE = """
 import sys
 import torch

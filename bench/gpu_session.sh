@@ -22,7 +22,7 @@ set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 OUT=${OUT:-/tmp/gpu_session}
 DRY_RUN=${DRY_RUN:-0}
-DEFAULT_STEPS="cuda_tests train_captured train_flex e2e e2e_device_decode attention knn knn_card sweeps"
+DEFAULT_STEPS="cuda_tests e2e e2e_device_decode knn_card train_captured train_flex attention knn sweeps"
 STEPS=${STEPS:-$DEFAULT_STEPS}
 PY=${PY:-python3}
 if [ "$DRY_RUN" = 1 ]; then
@@ -69,29 +69,29 @@ else
   E2E_SIZE=(--images 60502); KNN=(--devices cuda --dims 1024 --cases ours/torch); WORKERS=16
 fi
 
-# The captured training step against the same step uncaptured, one compiled SDPA model for all rows (its cold
-# compile is most of the time), then the compiled embedding and the compiled embedding replayed as a CUDA graph.
-# Correctness first: the graphs' losses and weights against eager steps on the tiny model, and nvjpeg's pictures
-# against the loader's (CUDA tests).
+# Correctness first: the captured steps' losses and weights against eager steps on the tiny model, nvjpeg's
+# pictures against the loader's, and the search kept on the card against the CPU search (CUDA tests).
 step cuda_tests 50 $PY -m pytest -q -p no:cacheprovider tests/test_captured_step.py tests/test_device_decode.py \
   tests/test_retrieval_metrics.py -k cuda
+# The whole --mode eval of 60,502 JPEGs (the on-device masks and the uncompiled CUDA graph, eval.cuda_graph),
+# then the same with the JPEGs decoded by nvjpeg on the GPU (data.eval_decode=device): workers only read bytes.
+step e2e 110 $PY bench/e2e_bench.py "${E2E_SIZE[@]}" --workers $WORKERS --out "$OUT/e2e.json"
+step e2e_device_decode 110 $PY bench/e2e_bench.py "${E2E_SIZE[@]}" --workers $WORKERS --decode device \
+  --out "$OUT/e2e_device_decode.json"
+# Exact kNN + metrics at 60,502 x 1,024, k = 1,001: the default on CUDA (eval.memory_gb=0: half the card's free
+# memory; neighbours and metrics stay on the card), and a 1 GB search budget (the CPU default) later.
+step knn_card 40 $PY bench/eval_bench.py "${KNN[@]}" --memory-gb 0 --out "$OUT/knn_card.json"
+# The captured training step against the same step uncaptured, one compiled SDPA model for all rows (its cold
+# compile is most of the time), then the compiled embedding and the compiled embedding replayed as a CUDA graph.
 step train_captured 240 $PY bench/train_bench.py $TINY --steps 6 --warmup 2 \
   --only "reference,): SDPA + torch.compile,embed bf16: SDPA + torch.compile" --out "$OUT/train_captured.json"
 # flex_attention in the compiled step, uncaptured and captured (its own cold compile).
 step train_flex 220 $PY bench/train_bench.py $TINY --steps 6 --warmup 2 --only "): flex + torch.compile" \
   --out "$OUT/train_flex.json"
-# The whole --mode eval of 60,502 JPEGs (the on-device masks and the uncompiled CUDA graph, eval.cuda_graph).
-step e2e 110 $PY bench/e2e_bench.py "${E2E_SIZE[@]}" --workers $WORKERS --out "$OUT/e2e.json"
-# The same with the JPEGs decoded by nvjpeg on the GPU (data.eval_decode=device): workers only read bytes.
-step e2e_device_decode 110 $PY bench/e2e_bench.py "${E2E_SIZE[@]}" --workers $WORKERS --decode device \
-  --out "$OUT/e2e_device_decode.json"
 # The attention module alone, forward + backward and forward: SDPA vs flex, both bias layouts (stage 1, masked).
 step attention 70 $PY bench/attention_bench.py $TINY --scope module --module-stages 1 \
   --variants sdpa,flex,flex-gathered --out "$OUT/attention.json"
-# Exact kNN + metrics at 60,502 x 1,024, k = 1,001: a 1 GB search budget (the CPU default), and the default on
-# CUDA (0: half the card's free memory; neighbours and metrics stay on the card).
 step knn 50 $PY bench/eval_bench.py "${KNN[@]}" --memory-gb 1 --out "$OUT/knn_1gb.json"
-step knn_card 40 $PY bench/eval_bench.py "${KNN[@]}" --memory-gb 0 --out "$OUT/knn_card.json"
 # Images/s and peak memory per batch size (the uncompiled SDPA step), the uncompiled CUDA-graph embedding per
 # batch size, and the channels-last eager embedding.
 step sweeps 70 $PY bench/train_bench.py $TINY --steps 4 --warmup 2 --sweep 128,256,384 --embed-sweep 512 \

@@ -180,8 +180,9 @@ class DeviceDecodingLoader:
 
     A JPEG that cannot be read raises `BadImageError` naming it, or, with skip_bad_images, is left out
     and listed in `skipped` as `(index, reason, detail)`, as the workers do for the files they decode.
-    Decoding batch i+1 is queued while the device still runs batch i's forward (both are asynchronous
-    on CUDA), so the two overlap without a second stream.
+    Batch i+1 is decoded once batch i's forward has been launched, which on CUDA returns before the forward
+    has run: nvjpeg's host phase (the Huffman decode) can overlap it, as far as the decoder does not wait for
+    the device; `bench/gpu_session.sh`'s e2e_device_decode step measures how far.
     """
 
     def __init__(self, source_loader, device: torch.device, image_size: int, skip_bad_images: bool) -> None:

@@ -163,15 +163,20 @@ def nearest_neighbours(
 
 def search_budget_bytes(memory_gb: float | None, device: torch.device, free_bytes: int | None = None) -> float:
     """The search's working memory in bytes: `memory_gb` when given; else 1 GB (`DEFAULT_MEMORY_GB`) off CUDA,
-    and on CUDA `CUDA_FREE_MEMORY_SHARE` of what the card has free, counting what torch's allocator holds
-    unused as free (`free_bytes` stands in for that reading in tests), and at least 1 GB' worth of the default."""
+    and on CUDA `CUDA_FREE_MEMORY_SHARE` of what the card has free (`free_bytes` stands in for that reading in
+    tests), and never less than the 1 GB default.
+
+    The reading follows `torch.cuda.empty_cache()`: blocks torch's allocator holds unused are returned first, and
+    only what the driver then reports free counts. Memory the allocator keeps for other reasons (a captured
+    training step's private pool, `train.capture_step`) and faiss's own allocations are not free for the search.
+    """
     if memory_gb is not None:
         return memory_gb * 1e9
     if device.type != "cuda":
         return DEFAULT_MEMORY_GB * 1e9
     if free_bytes is None:
+        torch.cuda.empty_cache()
         free_bytes = torch.cuda.mem_get_info(device)[0]
-        free_bytes += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return max(CUDA_FREE_MEMORY_SHARE * free_bytes, DEFAULT_MEMORY_GB * 1e9)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -37,6 +37,7 @@ try:  # deprecated in favour of TorchCodec from torchvision 0.29 (pinned); data.
 except ImportError:  # pragma: no cover - a future torchvision
     decode_jpeg = None
 
+MAX_RESIZE_PIXELS = 1 << 26  # input pixels per resize call: 67 M, 0.8 GB as float32 (e.g. 5 photos of 12 Mpx)
 
 class EncodedJpeg(NamedTuple):
     """A colour JPEG as the worker read it: its bytes (uint8, 1-D, CPU), EXIF orientation (1-8) and path."""
@@ -95,13 +96,14 @@ def upright(picture: torch.Tensor, orientation: int) -> torch.Tensor:
     return picture
 
 
-def decode_jpegs(jpegs: list[EncodedJpeg], device: torch.device) -> list[torch.Tensor | BaseException]:
+def decode_jpegs(jpegs: list[EncodedJpeg], device: torch.device, read_on_cpu: Callable[[str], torch.Tensor]
+                 ) -> list[torch.Tensor | CpuDecoded | BaseException]:
     """Each JPEG decoded to RGB on `device`, or the reason it could not be.
 
     One call for the whole list (nvjpeg's batched decode on CUDA). That call returns nothing when any JPEG
     fails, so then each is decoded alone, and one the device decoder still refuses is read on the CPU by
-    `load_rgb_tensor` (which applies the EXIF orientation itself; the result is returned with orientation
-    1 in mind, see `decoded_upright`): a valid file nvjpeg does not support is read, a broken one raises.
+    `read_on_cpu` (`load_rgb_tensor` with the dataset's root and size limit, which applies the EXIF orientation
+    itself, hence `CpuDecoded`): a valid file nvjpeg does not support is read, a broken one raises.
     """
     if not jpegs:
         return []
@@ -111,16 +113,20 @@ def decode_jpegs(jpegs: list[EncodedJpeg], device: torch.device) -> list[torch.T
             return list(decode_jpeg([jpeg.data for jpeg in jpegs], mode=ImageReadMode.RGB, device=device))
         except RuntimeError:
             pass
-        results: list[torch.Tensor | BaseException] = []
+        results: list[torch.Tensor | CpuDecoded | BaseException] = []
         for jpeg in jpegs:
             try:
                 results.append(decode_jpeg(jpeg.data, mode=ImageReadMode.RGB, device=device))
             except RuntimeError:
                 try:
-                    results.append(CpuDecoded(load_rgb_tensor(jpeg.path)))
+                    results.append(CpuDecoded(read_on_cpu(jpeg.path)))
                 except Exception as error:  # noqa: BLE001 - the reason this file is bad; the caller names it
                     results.append(error)
-        return results
+    if len(jpegs) > 1 and not any(isinstance(result, torch.Tensor) for result in results):
+        warnings.warn(f"the {device.type} JPEG decoder refused every JPEG of a batch of {len(jpegs)}; they were read "
+                      f"on the CPU by this one process, which is slow: data.eval_decode=workers decodes them in the "
+                      f"loader processes", RuntimeWarning, stacklevel=2)
+    return results
 
 
 class CpuDecoded(NamedTuple):
@@ -131,30 +137,35 @@ class CpuDecoded(NamedTuple):
 
 def resized_and_cropped(pictures: list[torch.Tensor], image_size: int) -> list[torch.Tensor]:
     """The evaluation transform (`transforms.EvalResizeAndCentreCrop`) of upright [3, H, W] pictures, one
-    resize and crop per group of equal size instead of one per picture."""
+    resize and crop per group of equal size instead of one per picture, in calls of at most
+    `MAX_RESIZE_PIXELS` input pixels (on CUDA the resize works in float32: 12 bytes per pixel)."""
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for row, picture in enumerate(pictures):
         groups[tuple(picture.shape[-2:])].append(row)
     finished: list[torch.Tensor | None] = [None] * len(pictures)
-    for rows in groups.values():
-        # Stacked pixel by pixel (N, H, W, 3 in memory): one copy, in the layout the decoders return and the uint8
-        # resize kernel wants.
-        stacked = torch.stack([pictures[row].permute(1, 2, 0) for row in rows]).permute(0, 3, 1, 2)
-        resized = F.resize(stacked, eval_resize_size(image_size), antialias=True)
-        cropped = F.center_crop(resized, [image_size, image_size])
-        for position, row in enumerate(rows):
-            finished[row] = cropped[position]
+    for (height, width), rows in groups.items():
+        per_call = max(1, MAX_RESIZE_PIXELS // (height * width))
+        for start in range(0, len(rows), per_call):
+            call_rows = rows[start:start + per_call]
+            # Stacked pixel by pixel (N, H, W, 3 in memory): one copy, in the layout the decoders return and the
+            # uint8 resize kernel wants.
+            stacked = torch.stack([pictures[row].permute(1, 2, 0) for row in call_rows]).permute(0, 3, 1, 2)
+            resized = F.resize(stacked, eval_resize_size(image_size), antialias=True)
+            cropped = F.center_crop(resized, [image_size, image_size])
+            for position, row in enumerate(call_rows):
+                finished[row] = cropped[position]
     return finished
 
 
-def decoded_batch(batch: PendingBatch, device: torch.device, image_size: int
+def decoded_batch(batch: PendingBatch, device: torch.device, image_size: int,
+                  read_on_cpu: Callable[[str], torch.Tensor] = load_rgb_tensor
                   ) -> tuple[torch.Tensor | None, list[int], list[tuple[int, BaseException, str]]]:
     """(images [B', 3, S, S] uint8 on `device`, laid out channels-last as the CPU loader's batches are;
     the rows of the batch they are; [(row, error, path)] for the rows that could not be decoded)."""
     jpeg_rows = [row for row, picture in enumerate(batch.pictures) if isinstance(picture, EncodedJpeg)]
     jpegs, is_jpeg = [batch.pictures[row] for row in jpeg_rows], set(jpeg_rows)
     decoded_rows, decoded, failed = [], [], []
-    for row, jpeg, result in zip(jpeg_rows, jpegs, decode_jpegs(jpegs, device)):
+    for row, jpeg, result in zip(jpeg_rows, jpegs, decode_jpegs(jpegs, device, read_on_cpu)):
         if isinstance(result, BaseException):
             failed.append((row, result, jpeg.path))
         elif isinstance(result, CpuDecoded):
@@ -180,27 +191,46 @@ class DeviceDecodingLoader:
 
     A JPEG that cannot be read raises `BadImageError` naming it, or, with skip_bad_images, is left out
     and listed in `skipped` as `(index, reason, detail)`, as the workers do for the files they decode.
-    Batch i+1 is decoded once batch i's forward has been launched, which on CUDA returns before the forward
-    has run: nvjpeg's host phase (the Huffman decode) can overlap it, as far as the decoder does not wait for
-    the device; `bench/gpu_session.sh`'s e2e_device_decode step measures how far.
+    read_on_cpu: reads a file the device decoder refuses (`load_rgb_tensor` with the dataset's root and limit).
+
+    On CUDA each batch is decoded and resized on a stream of its own, which is idle when nvjpeg starts:
+    torchvision 0.29's CUDA decoder writes its outputs from a private stream that does not wait for the
+    stream they were allocated on (pytorch/vision#9606), so memory freed on that stream with reads still
+    queued could be overwritten. The forward, queued on the current stream, does not hold that stream up:
+    batch i+1 is decoded while batch i's forward may still run. The images are handed over with
+    `wait_stream` and `record_stream`. `bench/gpu_session.sh`'s e2e_device_decode step measures the overlap.
     """
 
-    def __init__(self, source_loader, device: torch.device, image_size: int, skip_bad_images: bool) -> None:
+    def __init__(self, source_loader, device: torch.device, image_size: int, skip_bad_images: bool,
+                 read_on_cpu: Callable[[str], torch.Tensor] = load_rgb_tensor) -> None:
         if decode_jpeg is None:  # pragma: no cover - a future torchvision without its decoders
             raise RuntimeError("data.eval_decode=device needs torchvision.io.decode_jpeg (torchvision <= 0.29)")
-        self.source_loader, self.device = source_loader, device
+        self.source_loader, self.device, self.read_on_cpu = source_loader, device, read_on_cpu
         self.image_size, self.skip_bad_images = image_size, skip_bad_images
         self.batch_size, self.dataset = source_loader.batch_size, source_loader.dataset
+
+    def decoded(self, batch: PendingBatch, decode_stream) -> tuple:
+        if decode_stream is None:
+            return decoded_batch(batch, self.device, self.image_size, self.read_on_cpu)
+        decode_stream.synchronize()  # the last batch's decode and resize are done: its freed memory is free
+        with torch.cuda.stream(decode_stream):
+            images, kept, failed = decoded_batch(batch, self.device, self.image_size, self.read_on_cpu)
+        consumer = torch.cuda.current_stream(self.device)
+        consumer.wait_stream(decode_stream)
+        if images is not None:
+            images.record_stream(consumer)  # not reused for a later batch while the forward still reads it
+        return images, kept, failed
 
     def __len__(self) -> int:
         return len(self.source_loader)
 
     def __iter__(self) -> Iterator[tuple]:
+        decode_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         for batch, labels, indices, skipped in self.source_loader:
             if batch is None:
                 yield None, labels, indices, skipped
                 continue
-            images, kept, failed = decoded_batch(batch, self.device, self.image_size)
+            images, kept, failed = self.decoded(batch, decode_stream)
             for row, error, path in failed:
                 reason, detail = describe_image_error(path, error)
                 if not self.skip_bad_images:

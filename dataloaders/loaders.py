@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from errors import UsageError
 
 from .datasets import ImageDataset, collate_skipping_bad_images, ignore_stop_signals
+from .image_files import load_rgb_tensor
 from .image_lists import read_folder_tree, read_sop_list
 from .replay import with_replay
 from .samplers import PKBatchSampler, RandomTripletBatchSampler, ShuffleBatchSampler
@@ -90,8 +92,11 @@ def evaluation_loader(image_list, data, batch_size: int, device: torch.device,
                                          pin_memory=device.type == "cuda" and not on_device,
                                          persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals,
                                          collate_fn=collate_jpeg_bytes if on_device else collate_skipping_bad_images)
-    return (DeviceDecodingLoader(loader, device, data.image_size, data.on_bad_image == "skip") if on_device
-            else loader)
+    if not on_device:
+        return loader
+    read_on_cpu = functools.partial(load_rgb_tensor, root=None if data.allow_outside_root else image_list.root,
+                                    max_bytes=data.max_image_bytes)  # what a worker checks, for a file nvjpeg refuses
+    return DeviceDecodingLoader(loader, device, data.image_size, data.on_bad_image == "skip", read_on_cpu)
 
 
 def batch_shape_hint(data, num_images: int, usable_classes: int) -> str:

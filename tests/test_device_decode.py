@@ -91,6 +91,49 @@ def test_device_decoding_gives_the_workers_batches_bit_for_bit(tmp_path):
     assert on_device[2].tolist() == list(range(20))
 
 
+def mixed_tree(root):
+    """Plain JPEGs of one size and EXIF-turned ones of another, in 3 classes: 17 images."""
+    write_tree(root, num_classes=3, per_class=3)
+    for orientation in range(1, 9):
+        marked_jpeg(root / f"c{orientation % 3}" / f"turned{orientation}.jpg", orientation, size=(60, 44))
+    return read_folder_tree(root)
+
+
+def test_jpegs_the_device_decoder_refuses_are_read_on_the_cpu_turned_once(tmp_path, monkeypatch):
+    """A JPEG the device decoder refuses (here: all of them) is read by load_rgb_tensor, which turns it itself:
+    the pictures are still the workers' own, and the refusal of a whole batch is said once."""
+    import dataloaders.device_decode as device_decode
+
+    image_list = mixed_tree(tmp_path)
+    expected = every_batch(evaluation_loader(image_list, data_section(image_size=24, num_workers=0), 6, CPU))
+
+    def refusing(*_, **__):
+        raise RuntimeError("unsupported JPEG (stand-in for nvjpeg)")
+
+    monkeypatch.setattr(device_decode, "decode_jpeg", refusing)
+    with pytest.warns(RuntimeWarning, match="refused every JPEG of a batch"):
+        read = every_batch(evaluation_loader(image_list, data_section(image_size=24, num_workers=0,
+                                                                      eval_decode="device"), 6, CPU))
+    assert torch.equal(read[0], expected[0]) and torch.equal(read[2], expected[2])
+
+
+def test_large_groups_are_resized_in_several_calls_with_the_same_pixels(tmp_path, monkeypatch):
+    import dataloaders.device_decode as device_decode
+
+    image_list = mixed_tree(tmp_path)
+    loader_settings = data_section(image_size=24, num_workers=0, eval_decode="device")
+    whole = every_batch(evaluation_loader(image_list, loader_settings, 9, CPU))
+    monkeypatch.setattr(device_decode, "MAX_RESIZE_PIXELS", 2 * 60 * 44)  # two of the larger pictures per call
+    calls = []
+    original_resize = device_decode.F.resize
+    monkeypatch.setattr(device_decode.F, "resize", lambda batch, *a, **k: calls.append(batch.shape) or
+                        original_resize(batch, *a, **k))
+    chunked = every_batch(evaluation_loader(image_list, loader_settings, 9, CPU))
+    assert max(shape.numel() // 3 for shape in calls) <= 2 * 60 * 44  # pixels per call, the last one included
+    assert [shape[0] for shape in calls if shape[-2:] == (44, 60)].count(2) >= 2  # the larger ones two by two
+    assert torch.equal(chunked[0], whole[0])
+
+
 def test_bad_images_are_skipped_or_named_as_the_workers_do(tmp_path):
     """A truncated JPEG passes the workers' header read and fails only in the device's decode: its CPU retry names
     it 'truncated' as the workers would; the other bad files fail in the workers as before."""
@@ -151,6 +194,25 @@ def test_cuda_nvjpeg_pictures_are_the_workers_pictures_within_decoder_rounding(t
     gap = (on_cuda[0].cpu().int() - on_workers[0].int()).abs()
     assert gap.float().mean() < 2 and gap.max() <= 40
     assert torch.equal(on_cuda[1], on_workers[1]) and torch.equal(on_cuda[2], on_workers[2])
+
+
+@needs_cuda
+def test_cuda_decoding_beside_a_busy_forward_gives_the_same_pictures(tmp_path):
+    """As in evaluation: every batch is followed by long queued work on the current stream that reads memory
+    freed right after, while the next batch is decoded (on the decode stream, which must not reuse it)."""
+    image_list = mixed_tree(tmp_path)
+    cuda = torch.device("cuda")
+    quiet = every_batch(evaluation_loader(image_list, data_section(image_size=32, num_workers=0,
+                                                                    eval_decode="device"), 4, cuda))
+    busy = []
+    for images, *_ in evaluation_loader(image_list, data_section(image_size=32, num_workers=0, eval_decode="device"),
+                                        4, cuda):
+        work = torch.randn(2048, 2048, device=cuda)
+        for _ in range(30):
+            work = torch.tanh(work @ work / 64)
+        busy.append(images.clone())
+        del work
+    assert torch.equal(torch.cat(busy), quiet[0])
 
 
 @needs_cuda

@@ -392,9 +392,9 @@ def test_cuda_evaluation_reports_what_the_cpu_evaluation_reports():
                                  super_labels=labels // 7)
     on_cuda = evaluate_embeddings(embeddings, labels, [1, 10], backend="torch", device="cuda", map_ks=[10],
                                   super_labels=labels // 7)
-    timings = ("seconds_search", "seconds_metrics")
-    assert {key: value for key, value in on_cuda.items() if key not in timings} == \
-        {key: value for key, value in on_cpu.items() if key not in timings}
+    assert on_cuda.keys() == on_cpu.keys()
+    for key in on_cpu.keys() - {"seconds_search", "seconds_metrics"}:  # float32 means: summed in another order
+        assert on_cuda[key] == pytest.approx(on_cpu[key], rel=1e-6), key
 
 
 MEMORY_PROBE = """

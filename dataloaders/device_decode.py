@@ -96,37 +96,52 @@ def upright(picture: torch.Tensor, orientation: int) -> torch.Tensor:
     return picture
 
 
-def decode_jpegs(jpegs: list[EncodedJpeg], device: torch.device, read_on_cpu: Callable[[str], torch.Tensor]
-                 ) -> list[torch.Tensor | CpuDecoded | BaseException]:
-    """Each JPEG decoded to RGB on `device`, or the reason it could not be.
+class JpegDecoder:
+    """Decodes lists of `EncodedJpeg` to RGB on `device`: each to a tensor, a `CpuDecoded` or the reason it failed.
 
     One call for the whole list (nvjpeg's batched decode on CUDA). That call returns nothing when any JPEG
     fails, so then each is decoded alone, and one the device decoder still refuses is read on the CPU by
     `read_on_cpu` (`load_rgb_tensor` with the dataset's root and size limit, which applies the EXIF orientation
     itself, hence `CpuDecoded`): a valid file nvjpeg does not support is read, a broken one raises.
+    A list call that fails although every JPEG of it then decodes alone means lists do not work with this
+    torchvision and card (seen once on the GPU machine: "Failed to decode batch"): from then on, one JPEG per call.
     """
-    if not jpegs:
-        return []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29's notice, once per call
-        try:
-            return list(decode_jpeg([jpeg.data for jpeg in jpegs], mode=ImageReadMode.RGB, device=device))
-        except RuntimeError:
-            pass
-        results: list[torch.Tensor | CpuDecoded | BaseException] = []
-        for jpeg in jpegs:
-            try:
-                results.append(decode_jpeg(jpeg.data, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
+
+    def __init__(self, device: torch.device, read_on_cpu: Callable[[str], torch.Tensor] = load_rgb_tensor) -> None:
+        self.device, self.read_on_cpu = device, read_on_cpu
+        self.lists_work = True
+
+    def __call__(self, jpegs: list[EncodedJpeg]) -> list[torch.Tensor | CpuDecoded | BaseException]:
+        if not jpegs:
+            return []
+        list_failed = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29's notice, once per call
+            if self.lists_work and len(jpegs) > 1:
                 try:
-                    results.append(CpuDecoded(read_on_cpu(jpeg.path)))
-                except Exception as error:  # noqa: BLE001 - the reason this file is bad; the caller names it
-                    results.append(error)
-    if len(jpegs) > 1 and not any(isinstance(result, torch.Tensor) for result in results):
-        warnings.warn(f"the {device.type} JPEG decoder refused every JPEG of a batch of {len(jpegs)}; they were read "
-                      f"on the CPU by this one process, which is slow: data.eval_decode=workers decodes them in the "
-                      f"loader processes", RuntimeWarning, stacklevel=2)
-    return results
+                    return list(decode_jpeg([jpeg.data for jpeg in jpegs], mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    list_failed = True
+            results = [self.decode_one(jpeg) for jpeg in jpegs]
+        decoded_alone = sum(isinstance(result, torch.Tensor) for result in results)
+        if list_failed and decoded_alone == len(jpegs):
+            self.lists_work = False
+            warnings.warn(f"torchvision's batched JPEG decode on {self.device.type} failed for a batch whose JPEGs "
+                          f"each decode alone: decoding one JPEG per call from now on", RuntimeWarning, stacklevel=2)
+        if len(jpegs) > 1 and decoded_alone == 0:
+            warnings.warn(f"the {self.device.type} JPEG decoder refused every JPEG of a batch of {len(jpegs)}; they "
+                          f"were read on the CPU by this one process, which is slow: data.eval_decode=workers "
+                          f"decodes them in the loader processes", RuntimeWarning, stacklevel=2)
+        return results
+
+    def decode_one(self, jpeg: EncodedJpeg) -> torch.Tensor | CpuDecoded | BaseException:
+        try:
+            return decode_jpeg(jpeg.data, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            try:
+                return CpuDecoded(self.read_on_cpu(jpeg.path))
+            except Exception as error:  # noqa: BLE001 - the reason this file is bad; the caller names it
+                return error
 
 
 class CpuDecoded(NamedTuple):
@@ -157,15 +172,15 @@ def resized_and_cropped(pictures: list[torch.Tensor], image_size: int) -> list[t
     return finished
 
 
-def decoded_batch(batch: PendingBatch, device: torch.device, image_size: int,
-                  read_on_cpu: Callable[[str], torch.Tensor] = load_rgb_tensor
+def decoded_batch(batch: PendingBatch, decoder: JpegDecoder, image_size: int
                   ) -> tuple[torch.Tensor | None, list[int], list[tuple[int, BaseException, str]]]:
-    """(images [B', 3, S, S] uint8 on `device`, laid out channels-last as the CPU loader's batches are;
-    the rows of the batch they are; [(row, error, path)] for the rows that could not be decoded)."""
+    """(images [B', 3, S, S] uint8 on the decoder's device, laid out channels-last as the CPU loader's batches
+    are; the rows of the batch they are; [(row, error, path)] for the rows that could not be decoded)."""
+    device = decoder.device
     jpeg_rows = [row for row, picture in enumerate(batch.pictures) if isinstance(picture, EncodedJpeg)]
     jpegs, is_jpeg = [batch.pictures[row] for row in jpeg_rows], set(jpeg_rows)
     decoded_rows, decoded, failed = [], [], []
-    for row, jpeg, result in zip(jpeg_rows, jpegs, decode_jpegs(jpegs, device, read_on_cpu)):
+    for row, jpeg, result in zip(jpeg_rows, jpegs, decoder(jpegs)):
         if isinstance(result, BaseException):
             failed.append((row, result, jpeg.path))
         elif isinstance(result, CpuDecoded):
@@ -205,16 +220,16 @@ class DeviceDecodingLoader:
                  read_on_cpu: Callable[[str], torch.Tensor] = load_rgb_tensor) -> None:
         if decode_jpeg is None:  # pragma: no cover - a future torchvision without its decoders
             raise RuntimeError("data.eval_decode=device needs torchvision.io.decode_jpeg (torchvision <= 0.29)")
-        self.source_loader, self.device, self.read_on_cpu = source_loader, device, read_on_cpu
+        self.source_loader, self.device, self.decoder = source_loader, device, JpegDecoder(device, read_on_cpu)
         self.image_size, self.skip_bad_images = image_size, skip_bad_images
         self.batch_size, self.dataset = source_loader.batch_size, source_loader.dataset
 
     def decoded(self, batch: PendingBatch, decode_stream) -> tuple:
         if decode_stream is None:
-            return decoded_batch(batch, self.device, self.image_size, self.read_on_cpu)
+            return decoded_batch(batch, self.decoder, self.image_size)
         decode_stream.synchronize()  # the last batch's decode and resize are done: its freed memory is free
         with torch.cuda.stream(decode_stream):
-            images, kept, failed = decoded_batch(batch, self.device, self.image_size, self.read_on_cpu)
+            images, kept, failed = decoded_batch(batch, self.decoder, self.image_size)
         consumer = torch.cuda.current_stream(self.device)
         consumer.wait_stream(decode_stream)
         if images is not None:

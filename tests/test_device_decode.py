@@ -117,6 +117,28 @@ def test_jpegs_the_device_decoder_refuses_are_read_on_the_cpu_turned_once(tmp_pa
     assert torch.equal(read[0], expected[0]) and torch.equal(read[2], expected[2])
 
 
+def test_where_lists_fail_but_each_jpeg_decodes_alone_lists_are_given_up_once(tmp_path, monkeypatch):
+    """The GPU machine once answered a list with "Failed to decode batch" (../shared/GPU-NOTES.md): the batch is
+    decoded one JPEG per call, and so is every later batch, without trying a list again."""
+    import dataloaders.device_decode as device_decode
+
+    image_list = mixed_tree(tmp_path)
+    expected = every_batch(evaluation_loader(image_list, data_section(image_size=24, num_workers=0), 6, CPU))
+    real_decode, list_calls = device_decode.decode_jpeg, []
+
+    def lists_fail(data, **options):
+        if isinstance(data, list):
+            list_calls.append(len(data))
+            raise RuntimeError("Failed to decode batch")
+        return real_decode(data, **options)
+
+    monkeypatch.setattr(device_decode, "decode_jpeg", lists_fail)
+    with pytest.warns(RuntimeWarning, match="one JPEG per call from now on"):
+        decoded = every_batch(evaluation_loader(image_list, data_section(image_size=24, num_workers=0,
+                                                                         eval_decode="device"), 6, CPU))
+    assert list_calls == [6] and torch.equal(decoded[0], expected[0]) and torch.equal(decoded[2], expected[2])
+
+
 def test_large_groups_are_resized_in_several_calls_with_the_same_pixels(tmp_path, monkeypatch):
     import dataloaders.device_decode as device_decode
 

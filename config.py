@@ -518,7 +518,8 @@ KEY_DOCS: dict[str, str] = {
                        "for passes of under 4 batches, and if the capture fails (with a warning)",
     "eval.memory_gb": "working memory of the exact kNN search in GB; its query block size follows from it "
                       "(the N x k result, 12 bytes per entry, comes on top). 0: 1 GB on the CPU; on CUDA half "
-                      "the card's free memory, and the neighbours and metrics stay on the card",
+                      "the card's free memory, at least 1 GB. A CUDA search keeps its neighbours and metrics on "
+                      "the card whatever the budget",
     "eval.precision": "`--mode eval`'s autocast precision when embedding (validation uses `train.precision`)",
     "eval.device": "`--mode eval`'s device: `auto`, `cpu`, `cuda` or `cuda:N`",
     "eval.compile": "`torch.compile` the backbone for `--mode eval`",

@@ -82,16 +82,17 @@ def collapse_warning(record: dict, first: dict, proxy_loss: bool = False) -> str
     """One line saying what collapsed in this epoch's `record` and what to try, or None.
 
     Collapse: an effective rank below `EFFECTIVE_RANK_COLLAPSE` together with a spread below
-    `SPREAD_COLLAPSE_FRACTION` of the first epoch's (the first epoch itself, by its rank alone); or under
-    `ACTIVE_FRACTION_COLLAPSE` of the loss's terms active.
+    `SPREAD_COLLAPSE_FRACTION` of the first epoch's (the first epoch itself, `record is first`, by its rank
+    alone); or under `ACTIVE_FRACTION_COLLAPSE` of the loss's terms active. A signal missing from the record
+    (nan) never warns by itself: without a rank, no collapse; without a spread, the rank alone decides.
     `first`: the first epoch's record (the reference spread). `proxy_loss`: the loss already learns proxies, so
     the advice is not to use one."""
     spread, rank = record.get("train/embedding_spread", math.nan), record.get("train/effective_rank", math.nan)
     active = record.get("train/active_fraction", math.nan)
     first_spread = first.get("train/embedding_spread", math.nan)
     epoch = record.get("epoch")
-    # The first epoch has no reference but itself: its rank alone decides.
-    contracted = record.get("epoch") == first.get("epoch") or not spread >= SPREAD_COLLAPSE_FRACTION * first_spread
+    # The first epoch has no reference but itself: its rank alone decides (so does a record without a spread).
+    contracted = record is first or not spread >= SPREAD_COLLAPSE_FRACTION * first_spread
     if rank < EFFECTIVE_RANK_COLLAPSE and contracted:
         return (f"warning: epoch {epoch}: the embeddings are collapsing (mean pairwise distance {spread:.3f}, "
                 f"epoch 1: {first_spread:.3f}; effective rank {rank:.1f}): try a lower train.lr or a longer "

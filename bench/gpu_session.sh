@@ -78,8 +78,8 @@ step cuda_tests 50 $PY -m pytest -q -p no:cacheprovider tests/test_captured_step
 step e2e 110 $PY bench/e2e_bench.py "${E2E_SIZE[@]}" --workers $WORKERS --out "$OUT/e2e.json"
 step e2e_device_decode 110 $PY bench/e2e_bench.py "${E2E_SIZE[@]}" --workers $WORKERS --decode device \
   --out "$OUT/e2e_device_decode.json"
-# Exact kNN + metrics at 60,502 x 1,024, k = 1,001: the default on CUDA (eval.memory_gb=0: half the card's free
-# memory; neighbours and metrics stay on the card), and a 1 GB search budget (the CPU default) later.
+# Exact kNN + metrics at 60,502 x 1,024, k = 1,001, neighbours and metrics on the card: the CUDA default budget
+# (eval.memory_gb=0: half the card's free memory), and a 1 GB budget (the CPU default) later.
 step knn_card 40 $PY bench/eval_bench.py "${KNN[@]}" --memory-gb 0 --out "$OUT/knn_card.json"
 # The captured training step against the same step uncaptured, one compiled SDPA model for all rows (its cold
 # compile is most of the time), then the compiled embedding and the compiled embedding replayed as a CUDA graph.
@@ -112,28 +112,34 @@ step e2e_flex 200 $PY bench/e2e_bench.py "${E2E_SIZE[@]}" --workers $WORKERS --a
 # The evaluation at its fastest: the compiled embedding with nvjpeg decoding, run twice on one fresh inductor
 # cache: the cold run pays the compile, the warm one (a user's second run, or a cluster job given a shared
 # TORCHINDUCTOR_CACHE_DIR) reads the compiled kernels back. The difference is the compile's share of start-up.
-step e2e_compiled 300 env TORCHINDUCTOR_CACHE_DIR=/tmp/e2e_inductor_cache bash -c "rm -rf /tmp/e2e_inductor_cache;
-  for run in cold warm; do $PY bench/e2e_bench.py ${E2E_SIZE[*]} --workers $WORKERS --decode device \
-  --extra eval.compile=true --out $OUT/e2e_compiled_\$run.json || exit; done"
+INDUCTOR_CACHE=$(mktemp -d)  # fresh: the first run below is cold
+step e2e_compiled 300 env TORCHINDUCTOR_CACHE_DIR="$INDUCTOR_CACHE" bash -c 'python=$1 out=$2; shift 2
+  for run in cold warm; do "$python" bench/e2e_bench.py "$@" --decode device --extra eval.compile=true \
+    --out "$out/e2e_compiled_$run.json" || exit; done' _ "$PY" "$OUT" "${E2E_SIZE[@]}" --workers $WORKERS
 # GPU JPEG decoding, one image and lists per call, and the whole data.eval_decode=device batch (decode, turn,
 # resize, crop), against the loader's CPU decode.
 step jpeg_decode 40 $PY bench/jpeg_decode_bench.py $TINY --out "$OUT/jpeg_decode.json"
 # Step time with and without the DDP wrapper in a world of one (NCCL; more rows with more GPUs), issue 16.
 step ddp 120 $PY bench/ddp_bench.py $TINY --steps 10 --out "$OUT/ddp.json"
 
-$PY - "$OUT" <<'PY'
+($PY - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 parts = sorted(path for path in out.glob("*.json") if path.name != "results.json")
 gathered = out / "results.json"  # kept from an earlier command into the same folder, when there is one
 results = json.loads(gathered.read_text()) if gathered.exists() else {}
-results.update({path.stem: json.loads(path.read_text()) for path in parts})
+for path in parts:
+    try:  # a step killed while writing leaves a broken file: keep its error, gather the rest
+        results[path.stem] = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        results[path.stem] = {"unreadable": f"{type(error).__name__}: {error}"}
 gathered.write_text(json.dumps(results, indent=1))
 for path in parts:
     path.unlink()
 print(f"=== {len(parts)} step results gathered in {out / 'results.json'}")
 PY
+) 2>&1 | tee -a "$OUT/session.log"
 echo "=== session done in $(( $(date +%s) - START ))s" | tee -a "$OUT/session.log"
 if [ -n "$SKIPPED" ]; then
   echo "=== skipped for time; run next: STEPS=\"${SKIPPED# }\" OUT=$OUT bash bench/gpu_session.sh" | tee -a "$OUT/session.log"

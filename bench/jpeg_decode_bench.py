@@ -36,7 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.synthetic_photos import write_sop_like_jpegs  # noqa: E402
-from dataloaders.device_decode import EncodedJpeg, JpegDecoder, PendingBatch, decoded_batch  # noqa: E402
+from dataloaders.device_decode import EncodedJpeg, JpegDecoder, decoded_batch, pending_batch  # noqa: E402
 from dataloaders.image_files import load_rgb_tensor, read_jpeg_bytes  # noqa: E402
 from dataloaders.transforms import build_transforms  # noqa: E402
 
@@ -112,7 +112,7 @@ def main(argv=None) -> None:
             def decode_all():
                 pictures = []
                 for start in range(0, count, arguments.batch):
-                    images, _, failed = decoded_batch(PendingBatch(jpegs[start:start + arguments.batch]), decoder,
+                    images, _, failed = decoded_batch(pending_batch(jpegs[start:start + arguments.batch]), decoder,
                                                       IMAGE_SIZE)
                     assert not failed, failed
                     pictures += list(images)

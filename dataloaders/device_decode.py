@@ -9,17 +9,18 @@ docs/performance.md); nvjpeg moves the decode off those cores.
 
 What the pictures are: on the CPU, the loader's own, bit for bit (the same libjpeg-turbo decode and uint8
 resize; tested). On CUDA, nvjpeg's IDCT and chroma upsampling and torchvision's float resize may differ from
-them by a few levels of 255 (`bench/jpeg_decode_bench.py` measures by how much). A JPEG is always decoded at
-full size here: the CPU path's reduced-scale (draft) decode of very large JPEGs does not apply.
+them by a few levels of 255 (`bench/jpeg_decode_bench.py` measures by how much).
 
-Files that are not colour JPEGs (PNG, WebP, grey or CMYK JPEGs...) are decoded by the worker as before and
-join the batch already resized. A JPEG the device decoder refuses is decoded again on the CPU by
+Files that are not colour JPEGs (PNG, WebP, grey or CMYK JPEGs...), and JPEGs the workers decode at reduced
+scale (short side at least twice the evaluation resize: 584 px at 256-px input, 146 px at the demo's 64), are
+decoded by the worker as before and join the batch already resized. A JPEG the device decoder refuses is decoded again on the CPU by
 `load_rgb_tensor`, which either reads it or names what is wrong with it, and that image is then skipped or
 stops the run as `data.on_bad_image` says, like any bad image.
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from .datasets import ImageDataset, SkippedImage
+from .datasets import ImageDataset, SkippedImage, stack_pictures
 from .image_files import BadImageError, bad_image_message, describe_image_error, load_rgb_tensor, read_jpeg_bytes
 from .transforms import eval_resize_size
 
@@ -52,7 +53,7 @@ class JpegBytesDataset(ImageDataset):
     `DeviceDecodingLoader`); every other file is decoded and transformed as ImageDataset does."""
 
     def read(self, path):
-        encoded = read_jpeg_bytes(path, root=self.confine_to, max_bytes=self.max_image_bytes)
+        encoded = read_jpeg_bytes(path, self.decode_size, root=self.confine_to, max_bytes=self.max_image_bytes)
         return super().read(path) if encoded is None else EncodedJpeg(*encoded, str(path))
 
     def finish(self, picture):
@@ -60,20 +61,50 @@ class JpegBytesDataset(ImageDataset):
 
 
 class PendingBatch(NamedTuple):
-    """A batch as the workers deliver it: per row, an `EncodedJpeg` or a finished uint8 picture [3, S, S]."""
+    """A batch as a worker delivers it, in two tensors however many images it holds (each tensor a worker
+    hands over costs the main process an open file until it is freed; one per JPEG ran out of them at
+    batch 512 under a limit of 1,024):
 
-    pictures: list
+    jpeg_bytes: every colour JPEG's bytes, one after the other, `jpeg_lengths` long each, at rows `jpeg_rows`
+    with their `orientations` and `paths`; finished: [F, 3, S, S] uint8, the pictures the worker decoded
+    itself (other files, large JPEGs), at rows `finished_rows`, or None."""
+
+    rows: int
+    jpeg_rows: list
+    jpeg_bytes: torch.Tensor
+    jpeg_lengths: list
+    orientations: list
+    paths: list
+    finished_rows: list
+    finished: torch.Tensor | None
+
+    def jpegs(self) -> list[EncodedJpeg]:
+        """The JPEGs, their bytes as views of `jpeg_bytes`."""
+        ends = list(itertools.accumulate(self.jpeg_lengths))
+        return [EncodedJpeg(self.jpeg_bytes[end - length:end], orientation, path)
+                for end, length, orientation, path in zip(ends, self.jpeg_lengths, self.orientations, self.paths)]
+
+
+def pending_batch(pictures: list) -> PendingBatch:
+    """The PendingBatch of per-row `EncodedJpeg`s and finished [3, S, S] pictures."""
+    jpeg_rows = [row for row, picture in enumerate(pictures) if isinstance(picture, EncodedJpeg)]
+    finished_rows = [row for row, picture in enumerate(pictures) if not isinstance(picture, EncodedJpeg)]
+    jpegs = [pictures[row] for row in jpeg_rows]
+    jpeg_bytes = torch.cat([jpeg.data for jpeg in jpegs]) if jpegs else torch.empty(0, dtype=torch.uint8)
+    finished = stack_pictures([pictures[row] for row in finished_rows]) if finished_rows else None
+    return PendingBatch(len(pictures), jpeg_rows, jpeg_bytes, [len(jpeg.data) for jpeg in jpegs],
+                        [jpeg.orientation for jpeg in jpegs], [jpeg.path for jpeg in jpegs], finished_rows, finished)
 
 
 def collate_jpeg_bytes(items: list[tuple]) -> tuple[PendingBatch | None, torch.Tensor, torch.Tensor, list]:
-    """`collate_skipping_bad_images` for JpegBytesDataset: the pictures stay a list (the JPEGs have different
-    sizes until they are decoded), in a PendingBatch; unreadable images are left out and listed."""
+    """`collate_skipping_bad_images` for JpegBytesDataset: a PendingBatch instead of a tensor of pictures (the
+    JPEGs have different sizes until they are decoded); unreadable images are left out and listed."""
     kept = [item for item in items if not isinstance(item[0], SkippedImage)]
     skipped = [(index, image.reason, image.detail) for image, _, index in items if isinstance(image, SkippedImage)]
     if not kept:
         return None, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped
     pictures, labels, indices = zip(*kept)
-    return PendingBatch(list(pictures)), torch.tensor(labels), torch.tensor(indices), skipped
+    return pending_batch(list(pictures)), torch.tensor(labels), torch.tensor(indices), skipped
 
 
 def upright(picture: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -109,7 +140,7 @@ class JpegDecoder:
 
     def __init__(self, device: torch.device, read_on_cpu: Callable[[str], torch.Tensor] = load_rgb_tensor) -> None:
         self.device, self.read_on_cpu = device, read_on_cpu
-        self.lists_work = True
+        self.lists_work, self.said_all_refused = True, False
 
     def __call__(self, jpegs: list[EncodedJpeg]) -> list[torch.Tensor | CpuDecoded | BaseException]:
         if not jpegs:
@@ -128,7 +159,8 @@ class JpegDecoder:
             self.lists_work = False
             warnings.warn(f"torchvision's batched JPEG decode on {self.device.type} failed for a batch whose JPEGs "
                           f"each decode alone: decoding one JPEG per call from now on", RuntimeWarning, stacklevel=2)
-        if len(jpegs) > 1 and decoded_alone == 0:
+        if len(jpegs) > 1 and decoded_alone == 0 and not self.said_all_refused:
+            self.said_all_refused = True
             warnings.warn(f"the {self.device.type} JPEG decoder refused every JPEG of a batch of {len(jpegs)}; they "
                           f"were read on the CPU by this one process, which is slow: data.eval_decode=workers "
                           f"decodes them in the loader processes", RuntimeWarning, stacklevel=2)
@@ -177,10 +209,9 @@ def decoded_batch(batch: PendingBatch, decoder: JpegDecoder, image_size: int
     """(images [B', 3, S, S] uint8 on the decoder's device, laid out channels-last as the CPU loader's batches
     are; the rows of the batch they are; [(row, error, path)] for the rows that could not be decoded)."""
     device = decoder.device
-    jpeg_rows = [row for row, picture in enumerate(batch.pictures) if isinstance(picture, EncodedJpeg)]
-    jpegs, is_jpeg = [batch.pictures[row] for row in jpeg_rows], set(jpeg_rows)
+    jpegs = batch.jpegs()
     decoded_rows, decoded, failed = [], [], []
-    for row, jpeg, result in zip(jpeg_rows, jpegs, decoder(jpegs)):
+    for row, jpeg, result in zip(batch.jpeg_rows, jpegs, decoder(jpegs)):
         if isinstance(result, BaseException):
             failed.append((row, result, jpeg.path))
         elif isinstance(result, CpuDecoded):
@@ -189,14 +220,15 @@ def decoded_batch(batch: PendingBatch, decoder: JpegDecoder, image_size: int
         else:
             decoded_rows.append(row)
             decoded.append(upright(result, jpeg.orientation))
-    finished = dict(zip(decoded_rows, resized_and_cropped(decoded, image_size)))
-    kept = [row for row in range(len(batch.pictures)) if row in finished or row not in is_jpeg]
+    pictures = dict(zip(decoded_rows, resized_and_cropped(decoded, image_size)))
+    if batch.finished is not None:  # the worker's own pictures, copied over at once
+        pictures.update(zip(batch.finished_rows, batch.finished.to(device, non_blocking=True)))
+    kept = [row for row in range(batch.rows) if row in pictures]
     if not kept:
         return None, kept, failed
     images = torch.empty((len(kept), image_size, image_size, 3), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
     for position, row in enumerate(kept):
-        picture = finished.get(row)
-        images[position].copy_(batch.pictures[row] if picture is None else picture, non_blocking=True)
+        images[position].copy_(pictures[row], non_blocking=True)
     return images, kept, failed
 
 
@@ -208,7 +240,7 @@ class DeviceDecodingLoader:
     and listed in `skipped` as `(index, reason, detail)`, as the workers do for the files they decode.
     read_on_cpu: reads a file the device decoder refuses (`load_rgb_tensor` with the dataset's root and limit).
 
-    On CUDA each batch is decoded and resized on a stream of its own, which is idle when nvjpeg starts:
+    On CUDA the batches are decoded and resized on a stream of their own (one per pass), idle when nvjpeg starts:
     torchvision 0.29's CUDA decoder writes its outputs from a private stream that does not wait for the
     stream they were allocated on (pytorch/vision#9606), so memory freed on that stream with reads still
     queued could be overwritten. The forward, queued on the current stream, does not hold that stream up:

@@ -158,17 +158,19 @@ def load_rgb_tensor(path: Path, draft_size: int | None = None, root: Path | None
 EXIF_ORIENTATION_TAG = 0x0112
 
 
-def read_jpeg_bytes(path: Path, root: Path | None = None, max_bytes: int = MAX_IMAGE_BYTES
-                    ) -> tuple[torch.Tensor, int] | None:
-    """(the file's bytes as a uint8 tensor, its EXIF orientation 1-8) for a colour JPEG that another decoder
-    (nvjpeg, `dataloaders.device_decode`) can turn into the picture `load_rgb_tensor` gives; None for anything
-    else (other formats, grey or CMYK JPEGs), which the caller decodes with `load_rgb_tensor`.
+def read_jpeg_bytes(path: Path, draft_size: int | None = None, root: Path | None = None,
+                    max_bytes: int = MAX_IMAGE_BYTES) -> tuple[torch.Tensor, int] | None:
+    """(the file's bytes as a uint8 tensor, its EXIF orientation 1-8) for a colour JPEG that `load_rgb_tensor`
+    would decode at full size, so another decoder (nvjpeg, `dataloaders.device_decode`) can give the same
+    picture; None for anything else, which the caller decodes with `load_rgb_tensor`: other formats, grey or
+    CMYK JPEGs, and JPEGs it decodes at reduced scale (short side >= 2 x draft_size), which costs less there.
 
     The file is opened and its header read as `load_rgb_tensor` does (`root`, `max_bytes`, the
     decompression-bomb limit), so a bad file raises the same errors here.
     """
     with open_image_file(path, root, max_bytes) as stream, _open_header(stream) as image:
-        if image.format != "JPEG" or image.mode != "RGB":
+        reduced_scale = draft_size and min(image.size) >= 2 * draft_size
+        if image.format != "JPEG" or image.mode != "RGB" or reduced_scale:
             return None
         orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
         stream.seek(0)

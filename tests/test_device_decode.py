@@ -78,8 +78,11 @@ def test_device_decoding_gives_the_workers_batches_bit_for_bit(tmp_path):
     marked_jpeg(tmp_path / "c0/grey.jpg", mode="L")
     marked_jpeg(tmp_path / "c1/cmyk.jpg", mode="CMYK")
     class_picture(2, seed=5).save(tmp_path / "c2/picture.png")
+    # Short side >= 2 x 27 (the decode size at 24 px): the workers decode it at reduced scale, so it stays theirs.
+    large = marked_jpeg(tmp_path / "c1/large.jpg", orientation=6, size=(200, 150))
+    assert read_jpeg_bytes(large, draft_size=27) is None and read_jpeg_bytes(large) is not None
     image_list = read_folder_tree(tmp_path)
-    assert len(image_list) == 20
+    assert len(image_list) == 21
     on_workers = every_batch(evaluation_loader(image_list, data_section(image_size=24, num_workers=1), 6, CPU))
     on_device = every_batch(evaluation_loader(image_list, data_section(image_size=24, num_workers=1,
                                                                         eval_decode="device"), 6, CPU))
@@ -88,7 +91,7 @@ def test_device_decoding_gives_the_workers_batches_bit_for_bit(tmp_path):
             assert torch.equal(workers_part, device_part)
         else:
             assert workers_part == device_part == []
-    assert on_device[2].tolist() == list(range(20))
+    assert on_device[2].tolist() == list(range(21))
 
 
 def mixed_tree(root):
@@ -154,6 +157,25 @@ def test_large_groups_are_resized_in_several_calls_with_the_same_pixels(tmp_path
     assert max(shape.numel() // 3 for shape in calls) <= 2 * 60 * 44  # pixels per call, the last one included
     assert [shape[0] for shape in calls if shape[-2:] == (44, 60)].count(2) >= 2  # the larger ones two by two
     assert torch.equal(chunked[0], whole[0])
+
+
+def test_a_batch_crosses_from_the_worker_in_two_tensors_however_many_images(tmp_path):
+    """Each tensor a worker hands over holds an open file in the main process: one per JPEG ran out of them at
+    batch 512 under `ulimit -n 1024`. A batch carries all its JPEG bytes in one tensor and the worker's own
+    pictures in another."""
+    from dataloaders.device_decode import collate_jpeg_bytes
+
+    image_list = mixed_tree(tmp_path)
+    class_picture(2, seed=5).save(tmp_path / "c2/picture.png")
+    marked_jpeg(tmp_path / "c0/grey.jpg", mode="L")
+    image_list = read_folder_tree(tmp_path)
+    dataset = evaluation_loader(image_list, data_section(image_size=24, num_workers=0, eval_decode="device"), 19,
+                                CPU).dataset
+    batch, labels, indices, skipped = collate_jpeg_bytes([dataset[i] for i in range(len(image_list))])
+    tensors = [field for field in batch if isinstance(field, torch.Tensor)]
+    assert len(tensors) == 2 and len(batch.jpegs()) == 17 and batch.finished.shape == (2, 3, 24, 24)
+    assert all(jpeg.data.untyped_storage().data_ptr() == batch.jpeg_bytes.untyped_storage().data_ptr()
+               for jpeg in batch.jpegs())  # views of the one tensor, not copies
 
 
 def test_bad_images_are_skipped_or_named_as_the_workers_do(tmp_path):

@@ -73,13 +73,13 @@ def nearest_neighbours(
         block_size: queries per block; overrides the size derived from `memory_gb`.
         memory_gb: working-memory budget in GB (1e9 bytes), on `device` for torch; None: 1.0 GB
             (`DEFAULT_MEMORY_GB`), or on a CUDA device half of the memory the card has free
-            (`search_budget_bytes`), so the blocks are sized to the card. It sizes the query blocks: torch keeps 3/4 of it for a block's float32 [b, N] score
-            matrix and its top-(k + 1) candidates, b = 0.75 * budget / (4 N + 56 (k + 1)) (2,515 queries at
-            N = 60,502, k = 1001), and the rest for rows recomputed after a tie; faiss's blocks hold its
-            candidate buffers, b = budget / (92 (k + 2)). At least one query per block. Not counted: the
-            embeddings, the [N, k] result (12 bytes per entry, 0.73 GB at N = 60,502, k = 1001) and, when
-            auto times both backends, the slower one's rows for the timed queries (at most 2048 x k entries).
-
+            (`search_budget_bytes`), so the blocks are sized to the card. It sizes the query blocks: torch
+            keeps 3/4 of it for a block's float32 [b, N] score matrix and its top-(k + 1) candidates,
+            b = 0.75 * budget / (4 N + 56 (k + 1)) (2,515 queries at N = 60,502, k = 1001), and the rest for
+            rows recomputed after a tie; faiss's blocks hold its candidate buffers, b = budget / (92 (k + 2)).
+            At least one query per block. Not counted: the embeddings, the [N, k] result (12 bytes per entry,
+            0.73 GB at N = 60,502, k = 1001) and, when auto times both backends, the slower one's rows for the
+            timed queries (at most 2048 x k entries).
         result_device: where the results are kept. The device of the search (a CUDA torch search) keeps
             them there, with nothing copied back per block, for metrics computed on that device.
 

@@ -201,16 +201,12 @@ class Trainer:
         """Whether to take this step: this process has images to learn from and, with several processes, so
         has every other. The step's collectives (the gather for cross-rank mining, DDP's gradient all-reduce)
         need every rank, so a share whose every image was unreadable makes all ranks skip the step instead of
-        leaving the others waiting for it."""
-        if not self.processes.distributed:
-            return has_images
+        leaving the others waiting for it. (In one process `any_rank` is the flag itself: no collective.)"""
         return not any_rank(not has_images, self.device)
 
     def _stop_agreed(self) -> bool:
         """Whether to stop at this step boundary: a stop signal reached this process, or (with several) any of
         them, so that every rank stops after the same step."""
-        if not self.processes.distributed:
-            return self.stop_signal is not None
         if any_rank(self.stop_signal is not None, self.device) and self.stop_signal is None:
             self.stop_signal = "a stop signal to another process"
         return self.stop_signal is not None

@@ -3,7 +3,7 @@
 import signal
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import Dataset, default_collate
@@ -74,19 +74,21 @@ class ImageDataset(Dataset):
         return self.transform(picture)
 
 
-def collate_skipping_bad_images(items: list[tuple]) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list]:
+def collate_skipping_bad_images(items: list[tuple], batch_pictures: Callable[[list], Any] | None = None
+                                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list]:
     """Batch `(image, label, index)` items, leaving out those whose image is a `SkippedImage`.
 
     Returns (images [B', ...] or None when every item was skipped, labels [B'], indices [B'],
     skipped = [(index, reason, detail), ...]). Each kept label travels with its own image and index, so
-    a skipped item never shifts another item's label.
+    a skipped item never shifts another item's label. batch_pictures: what makes the kept pictures one batch
+    (`stack_pictures` by default; `device_decode.pending_batch` for pictures still to be decoded).
     """
     kept = [item for item in items if not isinstance(item[0], SkippedImage)]
     skipped = [(index, image.reason, image.detail) for image, _, index in items if isinstance(image, SkippedImage)]
     if not kept:
         return None, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped
     pictures, labels, indices = zip(*kept)
-    images = stack_pictures(list(pictures))
+    images = (batch_pictures or stack_pictures)(list(pictures))
     labels, indices = torch.tensor(labels), torch.tensor(indices)
     return images, labels, indices, skipped
 

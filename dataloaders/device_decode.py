@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from .datasets import ImageDataset, SkippedImage, stack_pictures
+from .datasets import ImageDataset, collate_skipping_bad_images, stack_pictures
 from .image_files import BadImageError, bad_image_message, describe_image_error, load_rgb_tensor, read_jpeg_bytes
 from .transforms import eval_resize_size
 
@@ -54,7 +54,12 @@ class JpegBytesDataset(ImageDataset):
 
     def read(self, path):
         encoded = read_jpeg_bytes(path, self.decode_size, root=self.confine_to, max_bytes=self.max_image_bytes)
-        return super().read(path) if encoded is None else EncodedJpeg(*encoded, str(path))
+        return self.read_decoded(path) if encoded is None else EncodedJpeg(*encoded, str(path))
+
+    def read_decoded(self, path) -> torch.Tensor:
+        """The upright picture as ImageDataset reads it (same root and size limit): for the files left to the
+        worker, and for a JPEG the device decoder refuses."""
+        return super().read(path)
 
     def finish(self, picture):
         return picture if isinstance(picture, EncodedJpeg) else self.transform(picture)
@@ -99,12 +104,7 @@ def pending_batch(pictures: list) -> PendingBatch:
 def collate_jpeg_bytes(items: list[tuple]) -> tuple[PendingBatch | None, torch.Tensor, torch.Tensor, list]:
     """`collate_skipping_bad_images` for JpegBytesDataset: a PendingBatch instead of a tensor of pictures (the
     JPEGs have different sizes until they are decoded); unreadable images are left out and listed."""
-    kept = [item for item in items if not isinstance(item[0], SkippedImage)]
-    skipped = [(index, image.reason, image.detail) for image, _, index in items if isinstance(image, SkippedImage)]
-    if not kept:
-        return None, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped
-    pictures, labels, indices = zip(*kept)
-    return pending_batch(list(pictures)), torch.tensor(labels), torch.tensor(indices), skipped
+    return collate_skipping_bad_images(items, batch_pictures=pending_batch)
 
 
 def upright(picture: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -238,7 +238,7 @@ class DeviceDecodingLoader:
 
     A JPEG that cannot be read raises `BadImageError` naming it, or, with skip_bad_images, is left out
     and listed in `skipped` as `(index, reason, detail)`, as the workers do for the files they decode.
-    read_on_cpu: reads a file the device decoder refuses (`load_rgb_tensor` with the dataset's root and limit).
+    read_on_cpu: reads a file the device decoder refuses (`JpegBytesDataset.read_decoded`).
 
     On CUDA the batches are decoded and resized on a stream of their own (one per pass), idle when nvjpeg starts:
     torchvision 0.29's CUDA decoder writes its outputs from a private stream that does not wait for the

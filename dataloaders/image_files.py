@@ -140,7 +140,7 @@ def load_rgb_tensor(path: Path, draft_size: int | None = None, root: Path | None
     """
     with open_image_file(path, root, max_bytes) as stream, _open_header(stream) as image:
         full_size_jpeg = (image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK")
-                          and not (draft_size and min(image.size) >= 2 * draft_size))
+                          and not reduced_scale(image, draft_size))
         if full_size_jpeg and decode_jpeg is not None:
             stream.seek(0)
             data = stream.read(max_bytes)  # bounded even if the file grew since it was checked
@@ -169,13 +169,18 @@ def read_jpeg_bytes(path: Path, draft_size: int | None = None, root: Path | None
     decompression-bomb limit), so a bad file raises the same errors here.
     """
     with open_image_file(path, root, max_bytes) as stream, _open_header(stream) as image:
-        reduced_scale = draft_size and min(image.size) >= 2 * draft_size
-        if image.format != "JPEG" or image.mode != "RGB" or reduced_scale:
+        if image.format != "JPEG" or image.mode != "RGB" or reduced_scale(image, draft_size):
             return None
         orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
         stream.seek(0)
         data = stream.read(max_bytes)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8), (orientation if orientation in range(1, 9) else 1)
+
+
+def reduced_scale(image: Image.Image, draft_size: int | None) -> bool:
+    """Whether a JPEG is decoded at 1/2, 1/4 or 1/8 scale (`_decode_upright_rgb`'s draft), which costs much less than
+    a full decode: when its short side is at least twice draft_size."""
+    return bool(draft_size) and min(image.size) >= 2 * draft_size
 
 
 def _open_header(source) -> Image.Image:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import torch
 from errors import UsageError
 
 from .datasets import ImageDataset, collate_skipping_bad_images, ignore_stop_signals
-from .image_files import load_rgb_tensor
 from .image_lists import read_folder_tree, read_sop_list
 from .replay import with_replay
 from .samplers import PKBatchSampler, RandomTripletBatchSampler, ShuffleBatchSampler
@@ -86,17 +84,15 @@ def evaluation_loader(image_list, data, batch_size: int, device: torch.device,
         image_list, build_transforms(data.image_size, train=False), decode_size(data.image_size, train=False),
         skip_bad_images=data.on_bad_image == "skip", allow_outside_root=data.allow_outside_root,
         max_image_bytes=data.max_image_bytes)
-    if items is not None:  # items keep their list positions: the loader yields those as indices
-        dataset = torch.utils.data.Subset(dataset, items)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+    # Items keep their list positions (`items`: a process's shard): the loader yields those as indices.
+    loaded = dataset if items is None else torch.utils.data.Subset(dataset, items)
+    loader = torch.utils.data.DataLoader(loaded, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=device.type == "cuda" and not on_device,
                                          persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals,
                                          collate_fn=collate_jpeg_bytes if on_device else collate_skipping_bad_images)
     if not on_device:
         return loader
-    read_on_cpu = functools.partial(load_rgb_tensor, root=None if data.allow_outside_root else image_list.root,
-                                    max_bytes=data.max_image_bytes)  # what a worker checks, for a file nvjpeg refuses
-    return DeviceDecodingLoader(loader, device, data.image_size, data.on_bad_image == "skip", read_on_cpu)
+    return DeviceDecodingLoader(loader, device, data.image_size, dataset.skip_bad_images, dataset.read_decoded)
 
 
 def batch_shape_hint(data, num_images: int, usable_classes: int) -> str:

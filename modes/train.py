@@ -117,9 +117,9 @@ def train_in_locked_folder(config, resume: bool, overwrite: bool, init_from: Pat
     # Loaded before --overwrite clears the folder, which may hold it.
     config, starting_from, init_source = (starting_checkpoint(config, init_from) if init_from is not None
                                           else (config, None, None))
-    if not resume and processes.is_main:  # a fresh run: nothing of an earlier one may pass for this one's
-        remove_previous_outputs(run_dir)
     if processes.is_main:
+        if not resume:  # a fresh run: nothing of an earlier one may pass for this one's
+            remove_previous_outputs(run_dir)
         (run_dir / INTERRUPTED_MARKER).unlink(missing_ok=True)
 
     with main_process_first():  # rank 0 generates the demo data, if any, before the others read it

@@ -36,8 +36,9 @@ def worker(arguments) -> None:
     """One process of a row: build the step, time it, rank 0 writes {seconds_per_step, ...} to --result."""
     import torch
     import torch.distributed as dist
-    from transformers import Swinv2Config, Swinv2Model
+    from transformers import Swinv2Model
 
+    from bench.train_bench import swinv2_base_config
     from distributed import Processes
     from model import Embedder, apply_speed_options, tiny_backbone_config
     from objective import MetricLearningObjective
@@ -50,9 +51,7 @@ def worker(arguments) -> None:
     if on_gpu:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if on_gpu else "gloo")
-    config = (tiny_backbone_config(32) if arguments.tiny else
-              Swinv2Config(image_size=256, patch_size=4, embed_dim=128, depths=[2, 2, 18, 2],
-                           num_heads=[4, 8, 16, 32], window_size=16))
+    config = tiny_backbone_config(32) if arguments.tiny else swinv2_base_config()
     torch.manual_seed(0)
     model = apply_speed_options(Embedder(Swinv2Model(config), 64 if arguments.tiny else 512).to(device), "sdpa")
     optimizer = build_optimizer(model, 2e-5, 10.0, 0.05, device)

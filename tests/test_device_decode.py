@@ -16,6 +16,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 import main
 from config import load_config
 from dataloaders import BadImageError, read_folder_tree
+import dataloaders.device_decode as device_decode
 from dataloaders.device_decode import upright
 from dataloaders.image_files import load_rgb_tensor, read_jpeg_bytes
 from dataloaders.loaders import evaluation_loader
@@ -69,12 +70,18 @@ def every_batch(loader):
     return torch.cat(images), torch.cat(labels), torch.cat(indices), skipped
 
 
+def mixed_tree(root):
+    """Plain JPEGs of one size and EXIF-turned ones of another, in 3 classes: 17 images."""
+    write_tree(root, num_classes=3, per_class=3)
+    for orientation in range(1, 9):
+        marked_jpeg(root / f"c{orientation % 3}" / f"turned{orientation}.jpg", orientation, size=(60, 44))
+    return read_folder_tree(root)
+
+
 def test_device_decoding_gives_the_workers_batches_bit_for_bit(tmp_path):
     """Plain JPEGs of two sizes (two resize groups in a batch), every EXIF orientation, and files left to the
     workers (grey and CMYK JPEGs, a PNG) in the same batches, through one worker process."""
-    write_tree(tmp_path, num_classes=3, per_class=3)
-    for orientation in range(1, 9):
-        marked_jpeg(tmp_path / f"c{orientation % 3}" / f"turned{orientation}.jpg", orientation, size=(60, 44))
+    mixed_tree(tmp_path)
     marked_jpeg(tmp_path / "c0/grey.jpg", mode="L")
     marked_jpeg(tmp_path / "c1/cmyk.jpg", mode="CMYK")
     class_picture(2, seed=5).save(tmp_path / "c2/picture.png")
@@ -94,19 +101,9 @@ def test_device_decoding_gives_the_workers_batches_bit_for_bit(tmp_path):
     assert on_device[2].tolist() == list(range(21))
 
 
-def mixed_tree(root):
-    """Plain JPEGs of one size and EXIF-turned ones of another, in 3 classes: 17 images."""
-    write_tree(root, num_classes=3, per_class=3)
-    for orientation in range(1, 9):
-        marked_jpeg(root / f"c{orientation % 3}" / f"turned{orientation}.jpg", orientation, size=(60, 44))
-    return read_folder_tree(root)
-
-
 def test_jpegs_the_device_decoder_refuses_are_read_on_the_cpu_turned_once(tmp_path, monkeypatch):
     """A JPEG the device decoder refuses (here: all of them) is read by load_rgb_tensor, which turns it itself:
     the pictures are still the workers' own, and the refusal of a whole batch is said once."""
-    import dataloaders.device_decode as device_decode
-
     image_list = mixed_tree(tmp_path)
     expected = every_batch(evaluation_loader(image_list, data_section(image_size=24, num_workers=0), 6, CPU))
 
@@ -123,8 +120,6 @@ def test_jpegs_the_device_decoder_refuses_are_read_on_the_cpu_turned_once(tmp_pa
 def test_where_lists_fail_but_each_jpeg_decodes_alone_lists_are_given_up_once(tmp_path, monkeypatch):
     """The GPU machine once answered a list with "Failed to decode batch" (../shared/GPU-NOTES.md): the batch is
     decoded one JPEG per call, and so is every later batch, without trying a list again."""
-    import dataloaders.device_decode as device_decode
-
     image_list = mixed_tree(tmp_path)
     expected = every_batch(evaluation_loader(image_list, data_section(image_size=24, num_workers=0), 6, CPU))
     real_decode, list_calls = device_decode.decode_jpeg, []
@@ -143,8 +138,6 @@ def test_where_lists_fail_but_each_jpeg_decodes_alone_lists_are_given_up_once(tm
 
 
 def test_large_groups_are_resized_in_several_calls_with_the_same_pixels(tmp_path, monkeypatch):
-    import dataloaders.device_decode as device_decode
-
     image_list = mixed_tree(tmp_path)
     loader_settings = data_section(image_size=24, num_workers=0, eval_decode="device")
     whole = every_batch(evaluation_loader(image_list, loader_settings, 9, CPU))
@@ -163,15 +156,13 @@ def test_a_batch_crosses_from_the_worker_in_two_tensors_however_many_images(tmp_
     """Each tensor a worker hands over holds an open file in the main process: one per JPEG ran out of them at
     batch 512 under `ulimit -n 1024`. A batch carries all its JPEG bytes in one tensor and the worker's own
     pictures in another."""
-    from dataloaders.device_decode import collate_jpeg_bytes
-
-    image_list = mixed_tree(tmp_path)
+    mixed_tree(tmp_path)
     class_picture(2, seed=5).save(tmp_path / "c2/picture.png")
     marked_jpeg(tmp_path / "c0/grey.jpg", mode="L")
     image_list = read_folder_tree(tmp_path)
     dataset = evaluation_loader(image_list, data_section(image_size=24, num_workers=0, eval_decode="device"), 19,
                                 CPU).dataset
-    batch, labels, indices, skipped = collate_jpeg_bytes([dataset[i] for i in range(len(image_list))])
+    batch, labels, indices, skipped = device_decode.collate_jpeg_bytes([dataset[i] for i in range(len(image_list))])
     tensors = [field for field in batch if isinstance(field, torch.Tensor)]
     assert len(tensors) == 2 and len(batch.jpegs()) == 17 and batch.finished.shape == (2, 3, 24, 24)
     assert all(jpeg.data.untyped_storage().data_ptr() == batch.jpeg_bytes.untyped_storage().data_ptr()
